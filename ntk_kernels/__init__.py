@@ -1,0 +1,15 @@
+"""ntk_kernels: compiled kernels for the empirical NTK and LinChain / LoRA adapters in PyTorch."""
+from . import ops
+from ._build_info import build_info
+from .ops.linchain import linchain_linear
+
+__version__ = "0.1.0"
+__all__ = ["linchain_linear", "build_info", "ops", "nn", "integrations", "__version__"]
+
+
+def __getattr__(name):  # nn and integrations import lazily (integrations.peft needs peft)
+    import importlib
+
+    if name in ("nn", "integrations"):
+        return importlib.import_module(f"ntk_kernels.{name}")
+    raise AttributeError(f"module 'ntk_kernels' has no attribute {name!r}")

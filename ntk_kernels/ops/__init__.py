@@ -1,0 +1,5 @@
+"""Low-level ops, each registered in the ``ntk`` torch.library namespace, with their references."""
+from .linchain import delta_weight, dropout_ref, fold_chain, linchain_linear, linchain_ref
+from ._hash_dropout import keep_mask as dropout_keep_mask
+
+__all__ = ["linchain_linear", "linchain_ref", "dropout_ref", "dropout_keep_mask", "fold_chain", "delta_weight"]
