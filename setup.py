@@ -36,7 +36,7 @@ def _extensions():
                                                       "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
                                                                "-lineinfo"]}))
     elif want_cuda:
-        why = "no CUDA toolkit (CUDA_HOME)" if CUDA_HOME is None else f"torch {torch.__version__} is a CPU build"
+        why = f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME)"
         print(f"ntk_kernels: not building the CUDA extension: {why}", file=sys.stderr)
     return exts
 
@@ -47,12 +47,33 @@ def _build_ext_class():
     class OptionalBuildExtension(BuildExtension):
         """Builds each extension; one that fails to compile is skipped with a message, not a failed install."""
 
+        failed = set()
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as e:  # compiler missing or failing: keep the pure-Python install working
+                self.failed.add(ext.name)
                 print(f"ntk_kernels: WARNING: building {ext.name} failed ({e}); the package falls back to "
                       f"other backends and build_info() reports it", file=sys.stderr)
+
+        def _built(self):
+            return [e for e in self.extensions if e.name not in self.failed]
+
+        def get_outputs(self):
+            return [self.get_ext_fullpath(e.name) for e in self._built()]
+
+        def get_output_mapping(self):  # what an editable install copies: only what was built
+            mapping = super().get_output_mapping()
+            skip = {self.get_ext_fullpath(n) for n in self.failed}
+            return {k: v for k, v in mapping.items() if v not in skip}
+
+        def copy_extensions_to_source(self):
+            all_exts, self.extensions = self.extensions, self._built()
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = all_exts
 
     return OptionalBuildExtension.with_options(use_ninja=True)
 
