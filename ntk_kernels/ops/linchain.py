@@ -53,7 +53,7 @@ def linchain_ref(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p=0.0,
     """Plain-PyTorch reference of ``linchain_linear`` (training-mode dropout when dropout_p > 0)."""
     x2 = x.reshape(-1, x.shape[-1])
     h = F.linear(dropout_ref(x2, dropout_p, seed), lora_A)
-    for c in chain:  # C_1 first
+    for c in (() if chain is None else chain):  # C_1 first
         h = F.linear(h, c)
     y = F.linear(x2, weight, bias) + scaling * F.linear(h, lora_B)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -132,11 +132,16 @@ _backend.register("linchain", "cpu", _CpuKernels, _cpu_reasons)
 # ----------------------------------------------------------------------------------------------
 # The registered ops: one dispatch point, fake kernels, autograd whose backward is itself an op.
 # ----------------------------------------------------------------------------------------------
+def _no_autocast(x: Tensor):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 @torch.library.custom_op("ntk::linchain", mutates_args=())
 def _linchain_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, chain: Optional[Tensor],
                  lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
     kernel = _backend.choose("linchain", x.device, x.dtype)
-    y, u = kernel.fn.forward(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p, int(seed))
+    with _no_autocast(x):  # the kernels choose their own precision; autocast must not recast their matmuls
+        y, u = kernel.fn.forward(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p, int(seed))
     return y, u
 
 
@@ -151,8 +156,9 @@ def _linchain_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Ten
                           lora_B: Tensor, u: Tensor, scaling: float, dropout_p: float, seed: Tensor,
                           needs: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     kernel = _backend.choose("linchain", x.device, x.dtype)
-    grads = kernel.fn.backward(grad_y.contiguous(), x, weight, lora_A, chain, lora_B, u, scaling, dropout_p,
-                               int(seed), list(needs))
+    with _no_autocast(x):
+        grads = kernel.fn.backward(grad_y.contiguous(), x, weight, lora_A, chain, lora_B, u, scaling, dropout_p,
+                                   int(seed), list(needs))
     # custom ops may not return an input (or a view of one) as an output
     return tuple(g.clone() if g.numel() == 0 else g for g in grads)
 
@@ -297,6 +303,12 @@ def linchain_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
     Returns:
         (..., d_out), same dtype as x.  Gradients flow to every input that requires them.
     """
+    if isinstance(x, Tensor) and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        # as F.linear under autocast: every floating input runs in the autocast dtype (differentiably cast)
+        dt = torch.get_autocast_dtype(x.device.type)
+        cast = lambda t: t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+        x, weight, bias, lora_A, lora_B = (cast(t) for t in (x, weight, bias, lora_A, lora_B))
+        chain = cast(chain) if chain is None or isinstance(chain, Tensor) else [cast(c) for c in chain]
     _check_inputs(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
     if p == 0.0:
@@ -316,3 +328,14 @@ def delta_weight(lora_A: Tensor, chain, lora_B: Tensor, scaling: float) -> Tenso
     m = fold_chain(chain)
     inner = lora_A.to(ct) if m is None else m.to(ct) @ lora_A.to(ct)
     return (scaling * (lora_B.to(ct) @ inner)).to(lora_A.dtype)
+
+
+try:  # the Triton backend registers itself; it imports (and says why it cannot run) without triton
+    from . import _linchain_triton  # noqa: F401,E402
+except Exception as e:  # an optional backend must never break the package
+    _backend.warn_once("linchain-triton-import", f"ntk_kernels: the Triton backend of linchain did not load ({e!r})")
+
+try:  # the CUDA backend registers itself; without the compiled _C_cuda it says why it cannot run
+    from . import _linchain_cuda  # noqa: F401,E402  registers the cuda backend
+except Exception as e:  # an optional backend must never break the package
+    _backend.warn_once("linchain-cuda-import", f"ntk_kernels: the CUDA backend of linchain did not load ({e!r})")

@@ -283,3 +283,24 @@ def test_cpp_kernel_checks_shapes():
     x, w, a, bb = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 3)
     with pytest.raises(RuntimeError, match="lora_B must be"):
         torch.ops.ntk_cpu.linchain_fwd(x, w, None, a, None, bb, 1.0, 0.0, 0)
+
+
+def test_autocast_cpu_forward_and_backward():
+    """Under autocast the op runs in the autocast dtype (as F.linear) and its backward works inside the region."""
+    inp = make_inputs((6,), 16, 12, 4, 2, torch.float32, seed=2)
+    t = {k: v.float().requires_grad_() for k, v in inp.items()}
+    args = [t[k] for k in ("x", "weight", "bias", "lora_A", "chain", "lora_B")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ntk_kernels.linchain_linear(*args, 0.5)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+    assert all(a.grad is not None and a.grad.dtype == torch.float32 for a in args)
+    ref = linchain_ref(*[a.detach().double() for a in args], 0.5)
+    yl = linchain_ref(*[a.detach().bfloat16() for a in args], 0.5)
+    assert_close(y, ref, torch.bfloat16, yl)
+
+
+def test_reference_accepts_no_chain():
+    inp = make_inputs((3,), 5, 4, 2, 0, torch.float64)
+    a = [inp[k] for k in ("x", "weight", "bias", "lora_A")]
+    torch.testing.assert_close(linchain_ref(*a, None, inp["lora_B"], 1.0), linchain_ref(*a, [], inp["lora_B"], 1.0))
