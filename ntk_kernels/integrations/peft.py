@@ -11,7 +11,7 @@ whenever the layer's state asks for it (merged, adapters disabled, ``adapter_nam
 several active adapters, a LoRA variant such as DoRA, ``lora_bias``, hooks on the base layer, an empty batch).
 
 ``linchain_config(lora_config, chain_length, chain_init)``: a ``LinChainConfig`` (a ``LoraConfig`` subclass) whose
-layers are ``LinChainLinear``: LoRA plus a chain ``lora_chain[adapter]`` of shape (k, r, r), stored as
+layers are ``PeftLinChainLinear``: LoRA plus a chain ``lora_chain[adapter]`` of shape (k, r, r), stored as
 [C_1, ..., C_k], so ΔW = s · B C_k ⋯ C_1 A.  peft's ``save_pretrained`` keeps the chain (its key contains
 ``lora_``); the config is written with ``"peft_type": "LINCHAIN"``, a type this module registers with peft on
 import, so ``PeftModel.from_pretrained`` rebuilds LinChain layers when this module is imported and fails with
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import numbers
 import warnings
 from typing import Optional, Tuple
@@ -55,13 +54,13 @@ from peft.utils.other import transpose
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from ..nn.linchain import CHAIN_INITS, init_chain_
 from ..ops.linchain import FLOAT_DTYPES, delta_weight, linchain_linear
 
-__all__ = ["fuse_lora", "unfuse_lora", "FusedLoraLinear", "linchain_config", "LinChainConfig", "LinChainLinear",
+__all__ = ["fuse_lora", "unfuse_lora", "FusedLoraLinear", "linchain_config", "LinChainConfig", "PeftLinChainLinear",
            "LINCHAIN_PEFT_TYPE", "CHAIN_INITS"]
 
 LINCHAIN_PEFT_TYPE = "LINCHAIN"
-CHAIN_INITS = ("identity", "kaiming", "orthogonal")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +175,7 @@ def fuse_lora(model: nn.Module, strict: bool = False) -> nn.Module:
     floating-point weight, with exactly one active adapter that is plain LoRA (no DoRA or other variant, no
     ``lora_bias``, dropout ``nn.Dropout`` or none).  Other LoRA layers keep peft's forward and are listed in one
     warning, or, with ``strict=True``, in a ``ValueError`` raised before any layer is changed.
-    ``LinChainLinear`` layers already run fused and are left as they are.
+    ``PeftLinChainLinear`` layers already run fused and are left as they are.
 
     Returns ``model``.
     """
@@ -188,7 +187,7 @@ def fuse_lora(model: nn.Module, strict: bool = False) -> nn.Module:
                          "PeftModel.from_pretrained")
     todo, skipped = [], {}
     for name, m in layers:
-        if isinstance(m, (FusedLoraLinear, LinChainLinear)):
+        if isinstance(m, (FusedLoraLinear, PeftLinChainLinear)):
             continue
         reason = (f"peft {type(m).__name__} layer, only lora.Linear is fused" if type(m) is not LoraLinear
                   else _fused_adapter(m)[1])
@@ -227,14 +226,11 @@ def _init_chain(k: int, r: int, how: str, device=None, dtype=None) -> Tensor:
         raise ValueError(f"chain_init must be one of {CHAIN_INITS}, got {how!r}")
     c = torch.empty(k, r, r, device=device, dtype=torch.float32)
     if c.device.type != "meta":  # peft's low_cpu_mem_usage builds layers on meta; the checkpoint fills them
-        init = {"identity": nn.init.eye_, "orthogonal": nn.init.orthogonal_,
-                "kaiming": lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))}[how]
-        for ci in c:
-            init(ci)
+        init_chain_(c, how)
     return c.to(dtype or torch.float32)
 
 
-class LinChainLinear(LoraLinear):
+class PeftLinChainLinear(LoraLinear):
     """LoRA layer with a chain of k (r × r) matrices between A and B (LinChain; k = 1 is MoSLoRA's mixer):
 
         y = x W₀ᵀ + b + s · dropout(x) Aᵀ C_1ᵀ ⋯ C_kᵀ Bᵀ,      ΔW = s · B C_k ⋯ C_1 A
@@ -280,7 +276,7 @@ class LinChainLinear(LoraLinear):
         if "lora_chain" not in self._modules:  # set_adapter in super().update_layer visits it
             self.lora_chain = nn.ParameterDict()
         if config is None:
-            raise TypeError("LinChainLinear needs a peft version whose LoraLayer.update_layer receives config=")
+            raise TypeError("PeftLinChainLinear needs a peft version whose LoraLayer.update_layer receives config=")
         super().update_layer(adapter_name, r, *args, config=config, **kwargs)
         if adapter_name in self.lora_chain:
             del self.lora_chain[adapter_name]
@@ -310,7 +306,7 @@ class LinChainLinear(LoraLinear):
         adapter_names = kwargs.pop("adapter_names", None)
         extra = [k for k, v in kwargs.items() if v is not None]  # peft passes variant kwargs (alora_offsets=None)
         if args or extra:
-            raise TypeError(f"LinChainLinear.forward takes x (and adapter_names), got extra arguments "
+            raise TypeError(f"PeftLinChainLinear.forward takes x (and adapter_names), got extra arguments "
                             f"{len(args)} positional, {extra}")
         if self.disable_adapters and self.merged:
             self.unmerge()
@@ -336,7 +332,7 @@ class LinChainLinear(LoraLinear):
 
 @dataclasses.dataclass
 class LinChainConfig(LoraConfig):
-    """``LoraConfig`` whose target layers become ``LinChainLinear``: ΔW = s · B C_k ⋯ C_1 A, k = ``chain_length``.
+    """``LoraConfig`` whose target layers become ``PeftLinChainLinear``: ΔW = s · B C_k ⋯ C_1 A, k = ``chain_length``.
 
     Build it with ``linchain_config(lora_config, chain_length, chain_init)`` or directly with LoraConfig's
     arguments.  Saved with ``"peft_type": "LINCHAIN"`` (see the module docstring).
@@ -361,7 +357,7 @@ class LinChainConfig(LoraConfig):
             # PiSSA, OLoRA, LoftQ, ... subtract s·B A from W₀, which equals ΔW only for an identity chain
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} needs chain_init='identity', got "
                              f"{self.chain_init!r}")
-        self._register_custom_module({nn.Module: LinChainLinear})  # every target; unsupported ones raise
+        self._register_custom_module({nn.Module: PeftLinChainLinear})  # every target; unsupported ones raise
 
     def to_dict(self) -> dict:
         d = super().to_dict()

@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import ntk_kernels.integrations.peft as ntk_peft  # noqa: E402
-from ntk_kernels.integrations.peft import (FusedLoraLinear, LinChainLinear, fuse_lora, linchain_config,  # noqa: E402
+from ntk_kernels.integrations.peft import (FusedLoraLinear, PeftLinChainLinear, fuse_lora, linchain_config,  # noqa: E402
                                            unfuse_lora)
 from ntk_kernels.ops import linchain_ref  # noqa: E402
 
@@ -291,7 +291,7 @@ def linchain_peft(arch, k=2, init="kaiming", **kw):
 def test_linchain_layers_match_reference_and_train(arch, op_calls):
     model = linchain_peft(arch).train()
     layers = lora_layers(model)
-    assert layers and all(type(m) is LinChainLinear for m in layers)
+    assert layers and all(type(m) is PeftLinChainLinear for m in layers)
     layer = layers[0]
     chain = layer.lora_chain["default"]
     assert chain.shape == (2, 4, 4) and chain.requires_grad
@@ -343,7 +343,7 @@ def test_linchain_save_reload_and_merge(arch, tmp_path, monkeypatch):
 
     reloaded = PeftModel.from_pretrained(make_base(arch), tmp_path, is_trainable=True).eval()
     layers = lora_layers(reloaded)
-    assert all(type(m) is LinChainLinear for m in layers)
+    assert all(type(m) is PeftLinChainLinear for m in layers)
     assert all(m.lora_chain["default"].requires_grad for m in layers)
     with torch.no_grad():
         assert_close(reloaded(x).logits, out, "reloaded LinChain logits", rtol=0, atol=0)
@@ -410,4 +410,4 @@ def test_fuse_lora_leaves_linchain_layers_alone():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         fuse_lora(model)
-    assert all(type(m) is LinChainLinear for m in lora_layers(model))
+    assert all(type(m) is PeftLinChainLinear for m in lora_layers(model))
