@@ -5,7 +5,8 @@ Timing: ``triton.testing.do_bench`` on a GPU (CUDA events, L2 flushed), ``torch.
 on the CPU, the process's peak resident set during the call (VmHWM after resetting it through
 /proc/self/clear_refs) minus the resident set before it.  torch's CPU allocator does not cache, but glibc
 keeps freed heap memory resident, so during that measurement glibc is told (mallopt) to serve every block
-of 64 KiB or more by mmap, returned at free: RSS then follows the live tensors.  Afterwards the threshold is
+of 64 KiB or more by mmap, returned at free, and malloc_trim returns the free heap pages before the call:
+RSS then follows the live tensors.  Afterwards the threshold is
 set to 32 MiB, glibc's own ceiling for its dynamic threshold.
 """
 from __future__ import annotations
@@ -65,6 +66,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> Optional[int]:
     libc.mallopt(m_mmap_threshold, 64 * 1024)
     try:
         gc.collect()
+        libc.malloc_trim(0)  # free heap pages go back to the OS, so reusing them shows up in RSS again
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
         base = _rss_kib("VmRSS")

@@ -42,20 +42,39 @@ void dropout_block(const Tensor& x, int64_t row0, int64_t rows, double p, uint32
   });
 }
 
-// gx[row0 : row0 + rows] += mask ⊙ t / (1 - p), t (rows, d_in) contiguous, gx contiguous.
+// keep (rows, d_in) uint8 = the mask of rows [row0, row0 + rows); xd (same shape) = dropout(x) there, if defined.
+// One hash per element serves both gA (through xd) and gx (through keep).
 template <typename T>
-void masked_add_block(Tensor& gx, const Tensor& t, int64_t row0, int64_t rows, double p, uint32_t seed) {
-  T* gp = gx.data_ptr<T>() + row0 * gx.size(1);
-  const T* tp = t.data_ptr<T>();
-  const int64_t d = gx.size(1);
+void mask_block(const Tensor& x, int64_t row0, int64_t rows, double p, uint32_t seed, Tensor& keep, Tensor* xd) {
+  const T* xp = x.data_ptr<T>();
+  uint8_t* kp = keep.data_ptr<uint8_t>();
+  T* op = xd ? xd->data_ptr<T>() : nullptr;
+  const int64_t d = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
   const uint32_t thr = ntk::dropout_threshold(p);
   const T scale = static_cast<T>(1.0 / (1.0 - p));
   at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const uint32_t rh = ntk::dropout_row_hash(seed, static_cast<uint32_t>(row0 + i));
-      for (int64_t c = 0; c < d; ++c)
-        if (ntk::dropout_hash(rh, static_cast<uint32_t>(c)) >= thr) gp[i * d + c] += tp[i * d + c] * scale;
+      const T* xr = xp + (row0 + i) * s0;
+      for (int64_t c = 0; c < d; ++c) {
+        const bool k = ntk::dropout_hash(rh, static_cast<uint32_t>(c)) >= thr;
+        kp[i * d + c] = k;
+        if (op) op[i * d + c] = k ? xr[c * s1] * scale : T(0);
+      }
     }
+  });
+}
+
+// gx[row0 : row0 + rows] += keep ⊙ t / (1 - p), t (rows, d_in) contiguous, gx contiguous.
+template <typename T>
+void masked_add_block(Tensor& gx, const Tensor& t, const Tensor& keep, int64_t row0, int64_t rows, double p) {
+  T* gp = gx.data_ptr<T>() + row0 * gx.size(1);
+  const T* tp = t.data_ptr<T>();
+  const uint8_t* kp = keep.data_ptr<uint8_t>();
+  const int64_t d = gx.size(1);
+  const T scale = static_cast<T>(1.0 / (1.0 - p));
+  at::parallel_for(0, rows * d, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) gp[j] += kp[j] ? tp[j] * scale : T(0);
   });
 }
 
@@ -135,18 +154,19 @@ std::vector<Tensor> linchain_bwd(const Tensor& grad_y, const Tensor& x, const Te
   } else if (needs[0] || needs[3]) {
     const int64_t n = x.size(0), d = x.size(1), rb = block_rows(n, d);
     Tensor buf = at::empty({rb, d}, xc.options());
+    Tensor keep_buf = at::empty({rb, d}, xc.options().dtype(at::kByte));
     if (needs[3]) gA = at::zeros({A.size(0), d}, xc.options());
     for (int64_t r0 = 0; r0 < n; r0 += rb) {
       const int64_t rows = std::min(rb, n - r0);
-      Tensor blk = buf.narrow(0, 0, rows);
+      Tensor blk = buf.narrow(0, 0, rows), keep = keep_buf.narrow(0, 0, rows);
       const Tensor gub = gu.narrow(0, r0, rows);
-      if (needs[3]) {
-        AT_DISPATCH_FLOATING_TYPES(ct, "linchain_bwd_dA", [&] { dropout_block<scalar_t>(xc, r0, rows, p, sd, blk); });
-        gA.addmm_(gub.t(), blk);
-      }
+      AT_DISPATCH_FLOATING_TYPES(ct, "linchain_bwd_mask", [&] {
+        mask_block<scalar_t>(xc, r0, rows, p, sd, keep, needs[3] ? &blk : nullptr);
+      });
+      if (needs[3]) gA.addmm_(gub.t(), blk);
       if (needs[0]) {
         at::mm_out(blk, gub, Ac);
-        AT_DISPATCH_FLOATING_TYPES(ct, "linchain_bwd_dx", [&] { masked_add_block<scalar_t>(gx, blk, r0, rows, p, sd); });
+        AT_DISPATCH_FLOATING_TYPES(ct, "linchain_bwd_dx", [&] { masked_add_block<scalar_t>(gx, blk, keep, r0, rows, p); });
       }
     }
   }
