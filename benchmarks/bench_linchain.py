@@ -28,11 +28,14 @@ from benchmarks import _harness  # noqa: E402
 from ntk_kernels.nn import LinChainLinear  # noqa: E402
 
 QUICK = [dict(N=2048, d=1024, r=16, k=k, p=p) for k, p in itertools.product((0, 2), (0.0, 0.05))]
-CENTER = dict(N=4096, d=4096, r=16, k=0, p=0.0)
-SWEEP = ([dict(CENTER, N=n) for n in (2048, 4096, 8192)] + [dict(CENTER, d=d) for d in (1024, 8192)]
-         + [dict(CENTER, r=r) for r in (8, 64)] + [dict(CENTER, k=k) for k in (1, 3)]
-         + [dict(CENTER, p=0.05), dict(CENTER, k=3, p=0.05)])
-GRIDS = {"quick": QUICK, "sweep": SWEEP}
+# one axis at a time around a centre; sized so the sweep takes about 15 minutes on 2 CPU cores
+# (N = 8192 and d = 8192 would take an hour there: run them with --grid large on a bigger machine or a GPU)
+CENTER = dict(N=2048, d=4096, r=16, k=0, p=0.0)
+SWEEP = ([CENTER, dict(CENTER, N=4096), dict(CENTER, d=1024)] + [dict(CENTER, r=r) for r in (8, 64)]
+         + [dict(CENTER, k=k) for k in (1, 3)] + [dict(CENTER, p=0.05), dict(CENTER, k=3, p=0.05)])
+LARGE = [dict(N=n, d=d, r=r, k=k, p=p) for n, d in ((2048, 1024), (4096, 4096), (8192, 4096), (8192, 8192))
+         for r in (16, 64) for k in (0, 3) for p in (0.0, 0.05)]
+GRIDS = {"quick": QUICK, "sweep": SWEEP, "large": LARGE}
 
 
 class UnfusedChain(torch.nn.Module):

@@ -23,31 +23,13 @@ at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kD
 // Rows per block: keeps a block of dropout(x) (rows x d_in, compute dtype) near 4 MiB.
 int64_t block_rows(int64_t n, int64_t d_in) { return std::max<int64_t>(16, std::min<int64_t>(n, (1 << 20) / std::max<int64_t>(d_in, 1))); }
 
-// out (rows, d_in) contiguous  =  dropout(x[row0 : row0 + rows]), x in compute dtype with any strides.
+// For rows [row0, row0 + rows) of x (compute dtype, any strides): keep (rows, d_in) uint8 = the mask and
+// xd (rows, d_in) = dropout(x), each written when given.  One hash per element serves both gA (through xd)
+// and gx (through keep) in the backward pass.
 template <typename T>
-void dropout_block(const Tensor& x, int64_t row0, int64_t rows, double p, uint32_t seed, Tensor& out) {
+void mask_block(const Tensor& x, int64_t row0, int64_t rows, double p, uint32_t seed, Tensor* keep, Tensor* xd) {
   const T* xp = x.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int64_t d = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
-  const uint32_t thr = ntk::dropout_threshold(p);
-  const T scale = static_cast<T>(1.0 / (1.0 - p));
-  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const uint32_t rh = ntk::dropout_row_hash(seed, static_cast<uint32_t>(row0 + i));
-      const T* xr = xp + (row0 + i) * s0;
-      T* orow = op + i * d;
-      for (int64_t c = 0; c < d; ++c)
-        orow[c] = ntk::dropout_hash(rh, static_cast<uint32_t>(c)) >= thr ? xr[c * s1] * scale : T(0);
-    }
-  });
-}
-
-// keep (rows, d_in) uint8 = the mask of rows [row0, row0 + rows); xd (same shape) = dropout(x) there, if defined.
-// One hash per element serves both gA (through xd) and gx (through keep).
-template <typename T>
-void mask_block(const Tensor& x, int64_t row0, int64_t rows, double p, uint32_t seed, Tensor& keep, Tensor* xd) {
-  const T* xp = x.data_ptr<T>();
-  uint8_t* kp = keep.data_ptr<uint8_t>();
+  uint8_t* kp = keep ? keep->data_ptr<uint8_t>() : nullptr;
   T* op = xd ? xd->data_ptr<T>() : nullptr;
   const int64_t d = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
   const uint32_t thr = ntk::dropout_threshold(p);
@@ -58,7 +40,7 @@ void mask_block(const Tensor& x, int64_t row0, int64_t rows, double p, uint32_t 
       const T* xr = xp + (row0 + i) * s0;
       for (int64_t c = 0; c < d; ++c) {
         const bool k = ntk::dropout_hash(rh, static_cast<uint32_t>(c)) >= thr;
-        kp[i * d + c] = k;
+        if (kp) kp[i * d + c] = k;
         if (op) op[i * d + c] = k ? xr[c * s1] * scale : T(0);
       }
     }
@@ -107,7 +89,7 @@ Tensor project(const Tensor& x, const Tensor& A, double p, uint32_t seed) {
   for (int64_t r0 = 0; r0 < n; r0 += rb) {
     const int64_t rows = std::min(rb, n - r0);
     Tensor blk = buf.narrow(0, 0, rows);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linchain_project", [&] { dropout_block<scalar_t>(x, r0, rows, p, seed, blk); });
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linchain_project", [&] { mask_block<scalar_t>(x, r0, rows, p, seed, nullptr, &blk); });
     Tensor ub = u.narrow(0, r0, rows);
     at::mm_out(ub, blk, A.t());
   }
@@ -161,7 +143,7 @@ std::vector<Tensor> linchain_bwd(const Tensor& grad_y, const Tensor& x, const Te
       Tensor blk = buf.narrow(0, 0, rows), keep = keep_buf.narrow(0, 0, rows);
       const Tensor gub = gu.narrow(0, r0, rows);
       AT_DISPATCH_FLOATING_TYPES(ct, "linchain_bwd_mask", [&] {
-        mask_block<scalar_t>(xc, r0, rows, p, sd, keep, needs[3] ? &blk : nullptr);
+        mask_block<scalar_t>(xc, r0, rows, p, sd, &keep, needs[3] ? &blk : nullptr);
       });
       if (needs[3]) gA.addmm_(gub.t(), blk);
       if (needs[0]) {

@@ -10,21 +10,9 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _ext
+from .linchain import CompiledKernels
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class _CudaKernels:
-    """Same signatures and contract as ``_fwd_reference`` / ``_bwd_reference`` in linchain.py."""
-
-    @staticmethod
-    def forward(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p, seed):
-        return torch.ops.ntk_cuda.linchain_fwd(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p, seed)
-
-    @staticmethod
-    def backward(grad_y, x, weight, lora_A, chain, lora_B, u, scaling, dropout_p, seed, needs):
-        return tuple(torch.ops.ntk_cuda.linchain_bwd(grad_y, x, weight, lora_A, chain, lora_B, u, scaling,
-                                                     dropout_p, seed, list(needs)))
 
 
 def _cuda_reasons(device, dtype):
@@ -38,4 +26,4 @@ def _cuda_reasons(device, dtype):
     return r
 
 
-_backend.register("linchain", "cuda", _CudaKernels, _cuda_reasons)
+_backend.register("linchain", "cuda", CompiledKernels("ntk_cuda"), _cuda_reasons)

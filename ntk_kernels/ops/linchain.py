@@ -103,17 +103,21 @@ class _ReferenceKernels:
     backward = staticmethod(_bwd_reference)
 
 
-class _CpuKernels:
-    """csrc/cpu/linchain.cpp through torch.ops.ntk_cpu (bf16/fp16 computed in fp32 there)."""
+class CompiledKernels:
+    """The kernels of a compiled extension's namespace (ntk_cpu: csrc/cpu, ntk_cuda: csrc/cuda), with the
+    contract of ``_ReferenceKernels``; the C++ side computes bf16/fp16 in fp32."""
 
-    @staticmethod
-    def forward(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p, seed):
-        return torch.ops.ntk_cpu.linchain_fwd(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p, seed)
+    def __init__(self, namespace: str):
+        self.namespace = namespace
 
-    @staticmethod
-    def backward(grad_y, x, weight, lora_A, chain, lora_B, u, scaling, dropout_p, seed, needs):
-        return tuple(torch.ops.ntk_cpu.linchain_bwd(grad_y, x, weight, lora_A, chain, lora_B, u, scaling,
-                                                    dropout_p, seed, list(needs)))
+    def forward(self, x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p, seed):
+        ns = getattr(torch.ops, self.namespace)
+        return ns.linchain_fwd(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p, seed)
+
+    def backward(self, grad_y, x, weight, lora_A, chain, lora_B, u, scaling, dropout_p, seed, needs):
+        ns = getattr(torch.ops, self.namespace)
+        return tuple(ns.linchain_bwd(grad_y, x, weight, lora_A, chain, lora_B, u, scaling, dropout_p, seed,
+                                     list(needs)))
 
 
 def _cpu_reasons(device, dtype):
@@ -126,7 +130,7 @@ def _cpu_reasons(device, dtype):
 
 
 _backend.register("linchain", "reference", _ReferenceKernels)
-_backend.register("linchain", "cpu", _CpuKernels, _cpu_reasons)
+_backend.register("linchain", "cpu", CompiledKernels("ntk_cpu"), _cpu_reasons)
 
 
 # ----------------------------------------------------------------------------------------------
