@@ -38,6 +38,34 @@ def median_seconds(fn: Callable[[], object], device: str, min_run_time: float = 
         min_run_time=min_run_time).median
 
 
+def interleaved_seconds(fns: List[Callable[[], object]], device: str, rounds: Optional[int] = None,
+                        budget_s: float = 20.0) -> List[List[float]]:
+    """Per-call times of ``fns`` run in turn, one call each per round (f0, f1, f2, f0, f1, ...), after one warm-up
+    round.  Interleaving at the granularity of single calls makes slow drift of a shared machine cancel in the
+    per-round ratios.  ``rounds`` None: as many rounds as fit in ``budget_s`` (5 to 40)."""
+    t0 = time.perf_counter()
+    for fn in fns:  # warm-up
+        fn()
+    sync(device)
+    if rounds is None:
+        per_round = max(time.perf_counter() - t0, 1e-6)
+        rounds = int(min(40, max(5, budget_s / per_round)))
+    out: List[List[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            sync(device)
+            s = time.perf_counter()
+            fn()
+            sync(device)
+            out[i].append(time.perf_counter() - s)
+    return out
+
+
+def quantile(values: List[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

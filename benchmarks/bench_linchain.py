@@ -2,7 +2,7 @@
 
 For each case (tokens N, d_in = d_out = d, rank r, chain length k, dropout p) and each layer:
   fwd      y = layer(x) in training mode (x requires grad, as inside a network)
-  fwd+bwd  y = layer(x); y.backward(gy)           bwd = (fwd+bwd) - fwd
+  fwd+bwd  y = layer(x); y.backward(gy)           bwd = median over rounds of (fwd+bwd) - fwd
   peak     memory of one fwd+bwd beyond its inputs (see _harness.peak_memory_bytes)
   TFLOP/s  of fwd+bwd from the explicit count 2·N·d·d (x Wᵀ) + 2·N·d·d (gx = gy W)
            + adapter 2·N·r·(2d + k·r) forward and 2·N·r·(3d + 2k·r) + 2·d·r·N·2 backward
@@ -84,33 +84,35 @@ def flops(case, method):
     return base + 2.0 * n * r * (2 * d + k * r) + 2.0 * n * r * (3 * d + 2 * k * r) + 4.0 * d * r * n
 
 
-def run_case(case, device, dtype, min_run_time, rounds):
-    """Times every layer ``rounds`` times, interleaved (linear, peft, fused, linear, ...), so that drift of the
-    machine hits all three alike; reports the median time of each and the median of the per-round ratios."""
+def run_case(case, device, dtype, rounds):
+    """Times the three layers interleaved call by call (linear, peft, fused, linear, ...) for ``rounds`` rounds, so
+    that the drift of a shared machine hits all three alike; reports each layer's median time and the median of
+    the per-round ratios (with their interquartile range: the spread this machine gives)."""
     layers = make_layers(case, device, dtype)
     x = torch.randn(case["N"], case["d"], device=device, dtype=dtype, requires_grad=True)
     gy = torch.randn(case["N"], case["d"], device=device, dtype=dtype)
     fns = {}
     for name, layer in layers.items():
         layer.train()
-        fns[name] = (lambda layer=layer: layer(x), lambda layer=layer: layer(x).backward(gy))
-    t = {name: {"fwd": [], "fwd_bwd": []} for name in layers}
-    for _ in range(rounds):
-        for name, (fwd, fwd_bwd) in fns.items():
-            t[name]["fwd"].append(_harness.median_seconds(fwd, device, min_run_time))
-            t[name]["fwd_bwd"].append(_harness.median_seconds(fwd_bwd, device, min_run_time))
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    ratio = lambda a, b, key: med([p / q for p, q in zip(t[a][key], t[b][key])])  # noqa: E731
+        fns[name] = {"fwd": lambda layer=layer: layer(x), "fwd_bwd": lambda layer=layer: layer(x).backward(gy)}
+    times = {key: _harness.interleaved_seconds([fns[n][key] for n in layers], device, rounds)
+             for key in ("fwd", "fwd_bwd")}
+    names = list(layers)
+    med = _harness.quantile
     rows = []
-    for name in layers:
-        t_f, t_fb = med(t[name]["fwd"]), med(t[name]["fwd_bwd"])
-        peak = _harness.peak_memory_bytes(fns[name][1], device)
-        rows.append(dict(case, layer=name, fwd_ms=t_f * 1e3, bwd_ms=(t_fb - t_f) * 1e3, fwd_bwd_ms=t_fb * 1e3,
-                         x_linear=ratio(name, "linear", "fwd_bwd"), fwd_x_linear=ratio(name, "linear", "fwd"),
-                         tflops=flops(case, name) / t_fb / 1e12, peak_mib=None if peak is None else peak / 2**20))
+    for i, name in enumerate(names):
+        t_f, t_fb = med(times["fwd"][i], 0.5), med(times["fwd_bwd"][i], 0.5)
+        t_b = med([fb - f for fb, f in zip(times["fwd_bwd"][i], times["fwd"][i])], 0.5)
+        r_fb = [a / b for a, b in zip(times["fwd_bwd"][i], times["fwd_bwd"][0])]
+        r_f = [a / b for a, b in zip(times["fwd"][i], times["fwd"][0])]
+        peak = _harness.peak_memory_bytes(fns[name]["fwd_bwd"], device)
+        rows.append(dict(case, layer=name, fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_bwd_ms=t_fb * 1e3,
+                         x_linear=med(r_fb, 0.5), x_linear_iqr=f"{med(r_fb, 0.25):.2f}-{med(r_fb, 0.75):.2f}",
+                         fwd_x_linear=med(r_f, 0.5), tflops=flops(case, name) / t_fb / 1e12,
+                         peak_mib=None if peak is None else peak / 2**20))
     over = {row["layer"]: row["x_linear"] - 1.0 for row in rows}
     rows[2]["overhead_vs_peft"] = over["fused"] / over["peft"] if over["peft"] > 0 else None
-    rows[2]["speedup_vs_peft"] = ratio("peft", "fused", "fwd_bwd")
+    rows[2]["speedup_vs_peft"] = med([a / b for a, b in zip(times["fwd_bwd"][1], times["fwd_bwd"][2])], 0.5)
     return rows
 
 
@@ -120,8 +122,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                     help="default: fp32 on the CPU, bf16 on a GPU")
-    ap.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timing per measurement (CPU)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (medians over rounds)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds per case (default: about 20 s of timing per case, 5 to 40 rounds)")
     ap.add_argument("--json", default=None, help="write results with machine, versions and commit here")
     args = ap.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
@@ -129,13 +131,13 @@ def main(argv=None):
     torch.manual_seed(0)
     rows = []
     for case in GRIDS[args.grid]:
-        rows += run_case(case, args.device, dtype, args.min_run_time, args.rounds)
+        rows += run_case(case, args.device, dtype, args.rounds)
         print(f"done {case}", file=sys.stderr, flush=True)
     m = _harness.machine()
     print(f"# linchain layer, {args.device} {dtype}, {m.get('gpu', m['cpu'])}, {m['threads']} threads, "
           f"torch {m['torch']}, commit {m.get('commit')}")
     print(_harness.table(rows, ["N", "d", "r", "k", "p", "layer", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "x_linear",
-                                "fwd_x_linear", "tflops", "peak_mib", "overhead_vs_peft", "speedup_vs_peft"]))
+                                "x_linear_iqr", "fwd_x_linear", "tflops", "peak_mib", "overhead_vs_peft", "speedup_vs_peft"]))
     if args.json:
         _harness.write_json(args.json, rows, {"device": args.device, "dtype": str(dtype), "grid": args.grid})
     return rows

@@ -36,10 +36,14 @@ class Kernel:
 _REGISTRY: Dict[str, Dict[str, Kernel]] = {}
 
 
+_CHOICES: Dict[tuple, Kernel] = {}  # (op, device, dtype, forced) -> kernel: choose runs on every call of an op
+
+
 def register(op: str, backend: str, fn: Callable, reasons: Optional[Callable] = None) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _REGISTRY.setdefault(op, {})[backend] = Kernel(backend, fn, reasons or (lambda device, dtype: []))
+    _CHOICES.clear()
 
 
 def ops() -> List[str]:
@@ -69,13 +73,18 @@ def forced_backend(op: str) -> Optional[str]:
 
 def choose(op: str, device: torch.device, dtype: torch.dtype) -> Kernel:
     """The kernel that runs ``op`` for tensors on ``device`` with ``dtype``."""
+    forced = forced_backend(op)
+    key = (op, device, dtype, forced)
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit
     device = torch.device(device)
     reasons = not_supported_reasons(op, device, dtype)
-    forced = forced_backend(op)
     candidates = (forced,) if forced else _PREFERENCE.get(device.type, ("reference",))
     for name in candidates:
         if not reasons[name]:
-            return _REGISTRY[op][name]
+            _CHOICES[key] = _REGISTRY[op][name]
+            return _CHOICES[key]
     detail = "; ".join(f"{k}: {', '.join(v) or 'ok'}" for k, v in reasons.items())
     what = f"forced backend {forced!r}" if forced else "no backend"
     raise RuntimeError(f"ntk_kernels: {what} can run {op} on {device} with {dtype} ({detail})")
