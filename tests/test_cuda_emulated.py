@@ -1,0 +1,425 @@
+"""The CUDA backend's kernels and binding, run on the CPU by host emulation (no GPU, no CUDA build of torch).
+
+At test time the real csrc/cuda/linchain_kernels.cu and csrc/cuda/linchain_binding.cpp are rewritten
+mechanically into host C++ (launches -> emu::launch, __shared__ -> an emulated arena, CUDA stream / guard ->
+stubs, the ops registered for CPU tensors under torch.ops.ntk_cuda_emu so that a real ntk_cuda can coexist),
+built with torch.utils.cpp_extension.load into build/cuda_emu (ignored by git; rebuilt only when a source
+changes) and compared with the float64 reference of ntk::linchain.  tests/cuda_emu/emu.h says what the
+emulation checks (shared-memory races through a deterministic schedule, uninitialised shared reads, divergent
+barriers, shared-array bounds, vector-load alignment) and what it cannot (global-memory bounds, warp
+lockstep, device floating point, speed): tests/test_cuda_compile.py and a GPU run cover the rest.
+
+Skips, with the reason, only where the toolchain is missing (CUDA toolkit headers, a C++20 host compiler that
+takes the flags below, ninja, Python.h).  With the toolchain present, a failing build is a test failure.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+import torch
+
+import ntk_kernels
+from ntk_kernels import _backend
+from ntk_kernels.ops import dropout_keep_mask, linchain_ref
+from ntk_kernels.ops.linchain import NEEDS, CompiledKernels, _bwd_reference, _fwd_reference, compute_dtype
+from _compare import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+COMMON_DIR = os.path.join(ROOT, "csrc", "common")
+EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
+KERNELS_SRC = os.path.join(CUDA_DIR, "linchain_kernels.cu")
+BINDING_SRC = os.path.join(CUDA_DIR, "linchain_binding.cpp")
+BUILD_DIR = os.path.join(ROOT, "build", "cuda_emu")  # build/ is in .gitignore
+EXT_NAME = "ntk_kernels_cuda_emulated"
+NS = "ntk_cuda_emu"
+CXXFLAGS = [
+    "-O2", "-fno-strict-aliasing",
+    "-fsanitize=alignment,bounds",  # handlers in emu.h: misaligned float4 / double2, shared-array bounds
+    # as torch's CUDAExtension compiles .cu files: no implicit half / bfloat16 conversions
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+
+
+class RewriteError(AssertionError):
+    """The real source has a construct the mechanical rewrite does not handle: update the rewrite or emu.h."""
+
+
+# ------------------------------------------------------------------------------------------- the rewrite
+def _split_top_level(text: str) -> list:
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _rewrite_launches(src: str) -> tuple:
+    """kernel<<<grid, block[, smem[, stream]]>>>(args) -> ::emu::launch("kernel", grid, block, smem, stream, kernel, args)."""
+    out, pos, kernels = [], 0, []
+    while (j := src.find("<<<", pos)) >= 0:
+        k = j
+        if src[k - 1] == ">":  # template arguments: walk back to the matching '<'
+            depth = 0
+            while True:
+                k -= 1
+                if k < pos:
+                    raise RewriteError(f"unbalanced template arguments before <<< at offset {j}")
+                depth += {">": 1, "<": -1}.get(src[k], 0)
+                if depth == 0:
+                    break
+        m = re.search(r"[A-Za-z_][\w:]*\s*$", src[pos:k])
+        if m is None:
+            raise RewriteError(f"no kernel name before <<< at offset {j}")
+        start = pos + m.start()
+        kernel = " ".join(src[start:j].split())
+        end = src.find(">>>", j)
+        config = _split_top_level(src[j + 3:end])
+        if not 2 <= len(config) <= 4:
+            raise RewriteError(f"launch of {kernel}: expected <<<grid, block[, smem[, stream]]>>>, got {config}")
+        grid, block = config[:2]
+        smem = config[2] if len(config) > 2 else "0"
+        stream = config[3] if len(config) > 3 else "nullptr"
+        m = re.compile(r"\s*\(\s*(\))?").match(src, end + 3)
+        if m is None:
+            raise RewriteError(f"launch of {kernel}: no argument list after >>>")
+        newlines = src[start:m.end()].count("\n")  # keep the line numbers of everything after it
+        call = f'::emu::launch("{kernel}", {grid}, {block}, {smem}, {stream}, {kernel}'
+        call += ")" if m.group(1) else ", "
+        out += [src[pos:start], call, "\n" * newlines]
+        pos = m.end()
+        kernels.append(kernel)
+    out.append(src[pos:])
+    return "".join(out), kernels
+
+
+_SHARED = re.compile(r"(\bextern\s+)?\b__shared__\b([^;]*);")
+
+
+def _rewrite_shared(src: str) -> tuple:
+    """__shared__ __align__(n) T name[d1][d2]; -> EMU_SHARED(name, n, [d1][d2], T);"""
+    names = []
+
+    def one(m):
+        decl = " ".join(m.group(0).split())
+        if m.group(1):
+            raise RewriteError(f"dynamic shared memory is not emulated: {decl}")
+        body = m.group(2)
+        align = re.search(r"__align__\s*\(\s*(\d+)\s*\)", body)
+        body = re.sub(r"__align__\s*\(\s*\d+\s*\)", " ", body).strip()
+        d = re.fullmatch(r"(?P<type>[^=\[\]]+?)\s*\b(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\[\]]+\]\s*)+)", body, re.S)
+        if d is None or "," in d.group("dims") or re.search(r"\]\s*,", body):
+            raise RewriteError(f"cannot rewrite this __shared__ declaration (one array per declaration, no "
+                               f"initialiser): {decl}")
+        names.append(d.group("name"))
+        return (f"EMU_SHARED({d.group('name')}, {align.group(1) if align else 1}, "
+                f"{' '.join(d.group('dims').split())}, {' '.join(d.group('type').split())});")
+
+    return _SHARED.sub(one, src), names
+
+
+def rewrite_kernels(src: str, path: str) -> str:
+    src, kernels = _rewrite_launches(src)
+    src, shared = _rewrite_shared(src)
+    if not kernels or "<<<" in src:
+        raise RewriteError(f"{path}: found {len(kernels)} launches to rewrite, {src.count('<<<')} left")
+    if not shared:
+        raise RewriteError(f"{path}: no __shared__ declarations found (has the kernel source changed?)")
+    # the #line directive: compile errors, __syncthreads lines and sanitizer reports name the real file
+    return f'#include "emu.h"\n#line 1 "{path}"\n{src}'
+
+
+def rewrite_binding(src: str, path: str) -> str:
+    lines, included = [], False
+    for line in src.split("\n"):
+        if re.match(r'\s*#\s*include\s*[<"](c10/cuda|ATen/cuda)/', line):
+            lines.append("" if included else '#include "emu_stream.h"')  # same line count
+            included = True
+        else:
+            lines.append(line)
+    out = "\n".join(lines)
+    out = out.replace("c10::cuda::CUDAGuard", "emu::CUDAGuard")
+    out = out.replace("c10::cuda::getCurrentCUDAStream", "emu::getCurrentCUDAStream")
+    out = out.replace(".is_cuda()", ".is_cpu()")
+    out, n_def = re.subn(r"\bTORCH_LIBRARY\(\s*ntk_cuda\s*,", f"TORCH_LIBRARY({NS},", out)
+    out, n_impl = re.subn(r"\bTORCH_LIBRARY_IMPL\(\s*ntk_cuda\s*,\s*CUDA\s*,", f"TORCH_LIBRARY_IMPL({NS}, CPU,", out)
+    left = sorted(set(re.findall(r"\b(?:c10|at)::cuda::\w+", out)))
+    if not included or n_def != 1 or n_impl != 1 or left:
+        raise RewriteError(f"{path}: the binding rewrite is out of date (CUDA includes replaced: {included}, "
+                           f"TORCH_LIBRARY: {n_def}, TORCH_LIBRARY_IMPL(ntk_cuda, CUDA): {n_impl}, "
+                           f"CUDA names left: {left})")
+    return f'#line 1 "{path}"\n{out}'
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    """Unchanged generated sources keep their mtime, so ninja does not rebuild them."""
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# ------------------------------------------------------------------------------------------- the build
+def _cuda_include():
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+        candidates.insert(2, CUDA_HOME)
+    except Exception:  # noqa: BLE001  (torch's lookup itself may fail without a toolkit)
+        pass
+    for home in filter(None, candidates):
+        inc = os.path.join(home, "include")
+        if all(os.path.exists(os.path.join(inc, h)) for h in ("cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h")):
+            return inc
+    return None
+
+
+_PROBE = r"""
+#if __cplusplus < 202002L
+#error "C++20 needed (torch's headers)"
+#endif
+#include <ucontext.h>
+#include <cuda_runtime_api.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <map>
+#include <mutex>
+#include <tuple>
+float probe(float v) {
+  ucontext_t c;
+  getcontext(&c);
+  const __half h = __float2half_rn(v);
+  const __nv_bfloat16 b = __float2bfloat16_rn(v);
+  float a[4] = {v, v, v, v};
+  const float4 q = *reinterpret_cast<const float4*>(a);
+  return __half2float(h) + __bfloat162float(b) + q.x;
+}
+"""
+
+
+def _toolchain_problem(tmp_dir: str):
+    """Why the emulated build cannot be attempted here (None: everything it needs is present)."""
+    from torch.utils import cpp_extension
+
+    inc = _cuda_include()
+    if inc is None:
+        return ("CUDA toolkit headers not found (cuda_runtime_api.h, cuda_fp16.h, cuda_bf16.h under "
+                "$CUDA_HOME/include, $CUDA_PATH/include or /usr/local/cuda/include)")
+    if not cpp_extension.is_ninja_available():
+        return "ninja not found (torch.utils.cpp_extension.load needs it)"
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        return f"Python.h not found in {sysconfig.get_paths()['include']} (Python development headers)"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"host C++ compiler {cxx!r} not found"
+    probe = os.path.join(tmp_dir, "probe.cpp")
+    with open(probe, "w") as f:
+        f.write(_PROBE)
+    cmd = [cxx, "-std=c++20", *CXXFLAGS, "-I", inc, "-c", probe, "-o", os.path.join(tmp_dir, "probe.o")]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"host compiler probe could not run: {e}"
+    if res.returncode != 0:
+        return (f"host compiler cannot build the emulation (C++20, <ucontext.h>, -fsanitize=alignment,bounds, "
+                f"the CUDA headers in {inc}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    return None
+
+
+def _build(tmp_dir: str) -> None:
+    from torch.utils import cpp_extension
+
+    build_dir = BUILD_DIR
+    try:
+        os.makedirs(os.path.join(build_dir, "src"), exist_ok=True)
+    except OSError:  # a read-only checkout: build in pytest's temporary directory instead
+        build_dir = tmp_dir
+        os.makedirs(os.path.join(build_dir, "src"), exist_ok=True)
+    with open(KERNELS_SRC) as f:
+        kernels = rewrite_kernels(f.read(), KERNELS_SRC)
+    with open(BINDING_SRC) as f:
+        binding = rewrite_binding(f.read(), BINDING_SRC)
+    kernels_path = os.path.join(build_dir, "src", "linchain_kernels_emu.cpp")
+    binding_path = os.path.join(build_dir, "src", "linchain_binding_emu.cpp")
+    _write_if_changed(kernels_path, kernels)
+    _write_if_changed(binding_path, binding)
+    try:
+        cpp_extension.load(name=EXT_NAME, sources=[binding_path, kernels_path], extra_cflags=CXXFLAGS,
+                           extra_include_paths=[EMU_DIR, CUDA_DIR, COMMON_DIR, _cuda_include()],
+                           build_directory=build_dir, verbose=False)
+    except Exception as e:  # noqa: BLE001  the toolchain is there, so this is the sources' fault
+        pytest.fail(f"the emulated CUDA sources do not build (the toolchain passed its probe, so this is a "
+                    f"real error in csrc/cuda, tests/cuda_emu or the rewrite):\n{str(e)[-20000:]}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    tmp_dir = str(tmp_path_factory.mktemp("cuda_emu"))
+    problem = _toolchain_problem(tmp_dir)
+    if problem is not None:
+        pytest.skip(f"CUDA host emulation not built: {problem}")
+    if not hasattr(torch.ops, NS) or not hasattr(getattr(torch.ops, NS), "linchain_fwd"):
+        _build(tmp_dir)
+    return CompiledKernels(NS)
+
+
+# ------------------------------------------------------------------------------------------- the checks
+SCALING = 0.7
+
+
+def _inputs(N, d_in, d_out, r, chain, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    return dict(x=rnd(N, d_in), weight=rnd(d_out, d_in, scale=d_in ** -0.5), bias=rnd(d_out) if bias else None,
+                lora_A=rnd(r, d_in, scale=d_in ** -0.5),
+                chain=rnd(r, r, scale=r ** -0.5) + torch.eye(r, dtype=torch.float64) if chain else None,
+                lora_B=rnd(d_out, r, scale=r ** -0.5), grad_y=rnd(N, d_out))
+
+
+def _cast(inputs, dtype):
+    return {k: None if v is None else v.to(dtype) for k, v in inputs.items()}
+
+
+def check_against_reference(kernels, inputs, dtype, p, seed, needs=(True,) * 6):
+    """Forward (y, u) and the backward's gradients of the emulated op against _fwd/_bwd_reference in float64
+    (and, for fp16 / bf16, against the same reference in dtype, whose error sets the budget)."""
+    t = _cast(inputs, dtype)
+    t64 = _cast(t, torch.float64)  # the rounded inputs: input quantisation is not the kernels' error
+    low = dtype in (torch.float16, torch.bfloat16)
+    fwd_args = lambda d: (d["x"], d["weight"], d["bias"], d["lora_A"], d["chain"], d["lora_B"], SCALING, p, seed)  # noqa: E731
+
+    y, u = kernels.forward(*fwd_args(t))
+    y64, u64 = _fwd_reference(*fwd_args(t64))
+    y_lp, u_lp = _fwd_reference(*fwd_args(t)) if low else (None, None)
+    assert y.dtype == dtype and tuple(y.shape) == tuple(y64.shape)
+    assert u.dtype == compute_dtype(dtype) and tuple(u.shape) == tuple(u64.shape)
+    assert_close(y, y64, dtype, y_lp, "y")
+    assert_close(u, u64, u.dtype, None, "u")
+
+    needs = list(needs)
+    needs[2] = needs[2] and t["bias"] is not None  # as the op's autograd asks
+    needs[4] = needs[4] and t["chain"] is not None
+
+    def bwd(d, u_):
+        return (d["grad_y"], d["x"], d["weight"], d["lora_A"], d["chain"], d["lora_B"], u_, SCALING, p, seed, needs)
+
+    grads = kernels.backward(*bwd(t, u))
+    g64 = _bwd_reference(*bwd(t64, u64))
+    g_lp = _bwd_reference(*bwd(t, u_lp)) if low else [None] * 6
+    assert len(grads) == 6
+    for name, need, g, r, lp in zip(NEEDS, needs, grads, g64, g_lp):
+        if not need:
+            assert g.numel() == 0, f"grad {name} was not asked for but has shape {tuple(g.shape)}"
+            continue
+        assert g.dtype == dtype, name
+        assert_close(g, r, dtype, lp, f"grad {name}")
+
+
+# (N, d_in, d_out, r): one row; odd sizes; exact tiles (32-row project tiles, 64 x 64 grad_x tiles);
+# r across the rank tiles 16 / 32 / 64 and above 64 (several rank tiles, separate chain kernel); N = 130 runs
+# grad_proj in two splits, N = 257 in three (the last of one row).  Small: every emulated block is 256 fibers.
+SHAPES = [(1, 1, 1, 1), (37, 53, 29, 5), (64, 64, 32, 16), (33, 70, 9, 33), (130, 67, 96, 64), (5, 40, 7, 70),
+          (257, 33, 20, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-din{}-dout{}-r{}".format(*s))
+@pytest.mark.parametrize("chain,bias,p", [(False, True, 0.0), (True, False, 0.0), (False, False, 0.3),
+                                          (True, True, 0.3)], ids=["lora-bias", "chain", "lora-dropout",
+                                                                   "chain-bias-dropout"])
+def test_float64_matches_reference(emu, shape, chain, bias, p):
+    N, d_in, d_out, r = shape
+    check_against_reference(emu, _inputs(N, d_in, d_out, r, chain, bias, seed=N * 1000 + r), torch.float64, p,
+                            seed=1234)
+
+
+@pytest.mark.parametrize("needs", [(False, False, False, True, False, True), (True, False, False, False, True, False),
+                                   (True, True, True, False, False, False), (False, False, False, False, True, True),
+                                   (False,) * 6], ids=["adapter-only", "gx-gM", "base-only", "gM-gB", "none"])
+def test_partial_needs(emu, needs):
+    check_against_reference(emu, _inputs(37, 53, 29, 5, True, True, seed=5), torch.float64, 0.3, seed=77,
+                            needs=needs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,chain,p", [((37, 53, 29, 5), True, 0.25), ((70, 130, 65, 40), False, 0.0),
+                                           ((33, 70, 9, 70), True, 0.1)], ids=["r5", "r40", "r70"])
+def test_low_precision(emu, dtype, shape, chain, p):
+    N, d_in, d_out, r = shape
+    check_against_reference(emu, _inputs(N, d_in, d_out, r, chain, True, seed=r), dtype, p, seed=4321)
+
+
+@pytest.mark.parametrize("dtype,n", [(torch.float64, 130), (torch.float32, 70), (torch.bfloat16, 40)], ids=str)
+@pytest.mark.parametrize("seed", [5, 0xDEADBEEF])
+def test_dropout_mask_is_the_hash_bit_for_bit(emu, dtype, n, seed):
+    """x = 1 and identity adapters make every kernel print its mask: u = keep / (1 - p) (project), gx = keep /
+    (1 - p) (grad_x), gA = keep / (1 - p) (grad_proj, whose row hashes go through __shfl_sync)."""
+    p = 0.3
+    keep = dropout_keep_mask(seed, n, n, p)
+    assert 0 < keep.sum() < n * n
+    ones, eye, zeros = (f(n, n, dtype=dtype) for f in (torch.ones, torch.eye, torch.zeros))
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=compute_dtype(dtype))
+
+    def expect(d):
+        return torch.where(keep, scale.to(d), torch.zeros((), dtype=d))
+
+    _, u = emu.forward(ones, zeros, None, eye, None, eye, 1.0, p, seed)
+    assert torch.equal(u != 0, keep), "project: dropout mask differs from dropout_keep_mask"
+    assert torch.equal(u, expect(u.dtype))
+    # gx = gy W + keep * (gu A) / (1 - p) with W = 0, gu = gy B = 1, A = I
+    gx = emu.backward(ones, ones, zeros, eye, None, eye, u, 1.0, p, seed, [True] + [False] * 5)[0]
+    assert torch.equal(gx != 0, keep), "grad_x: dropout mask differs from dropout_keep_mask"
+    assert torch.equal(gx, expect(dtype))
+    # gA = gu^T dropout(x) with gu = gy B = I, x = 1
+    gA = emu.backward(eye, ones, zeros, eye, None, eye, u, 1.0, p, seed, [False] * 3 + [True, False, False])[3]
+    assert torch.equal(gA != 0, keep), "grad_proj: dropout mask differs from dropout_keep_mask"
+    assert torch.equal(gA, expect(dtype))
+
+
+def test_linchain_linear_runs_the_emulated_backend(emu, monkeypatch):
+    """The whole op path (custom op, autograd, chain folding, 3-D non-contiguous x) with the CUDA backend's
+    binding and kernels forced in, against linchain_ref under autograd."""
+    monkeypatch.setitem(_backend._REGISTRY["linchain"], "cuda", _backend.Kernel("cuda", emu, lambda device, dtype: []))
+    monkeypatch.setenv("NTK_KERNELS_BACKEND_LINCHAIN", "cuda")
+    assert _backend.choose("linchain", torch.device("cpu"), torch.float64).fn is emu
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)  # noqa: E731
+    for p, k in [(0.0, 0), (0.2, 2)]:
+        x = rnd(13, 3, 24).transpose(0, 1).requires_grad_()
+        W, b, A, B = (rnd(*s).requires_grad_() for s in [(17, 24), (17,), (6, 24), (17, 6)])
+        C = [(rnd(6, 6) * 0.4 + torch.eye(6, dtype=torch.float64)).requires_grad_() for _ in range(k)]
+        inputs = [x, W, b, A, *C, B]
+        y = ntk_kernels.linchain_linear(x, W, b, A, C, B, 0.5, p, training=True, seed=99)
+        gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+        grads = torch.autograd.grad(y, inputs, gy)
+        y_ref = linchain_ref(x, W, b, A, C, B, 0.5, p, 99)
+        grads_ref = torch.autograd.grad(y_ref, inputs, gy)
+        assert_close(y, y_ref, torch.float64, name="y")
+        for i, (a, e) in enumerate(zip(grads, grads_ref)):
+            assert_close(a, e, torch.float64, name=f"grad of input {i}")
+
+
+def test_binding_checks_inputs(emu):
+    x, W, A, B = torch.randn(4, 8), torch.randn(3, 8), torch.randn(2, 8), torch.randn(3, 2)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        emu.forward(x, W, None, A, None, B, 1.0, 1.0, 0)
+    with pytest.raises(RuntimeError, match="lora_B must have shape"):
+        emu.forward(x, W, None, A, None, B.t().contiguous(), 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="must be float16, bfloat16, float32 or float64"):
+        emu.forward(x.int(), W.int(), None, A.int(), None, B.int(), 1.0, 0.0, 0)
