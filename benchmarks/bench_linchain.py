@@ -10,8 +10,8 @@ Layers: "linear" frozen nn.Linear (the floor), "peft" peft.tuners.lora.Linear (k
 unfused chain a user would write: dropout -> A -> C_1..C_k -> B), "fused" ntk_kernels.nn.LinChainLinear.
 Ratios are taken in the same run: overhead = time / linear - 1, and fused overhead / peft overhead.
 
-    python benchmarks/bench_linchain.py                 # quick default (about a minute on 2 CPU cores)
-    python benchmarks/bench_linchain.py --grid sweep    # the recorded sweep (benchmarks/RESULTS.md)
+    python benchmarks/bench_linchain.py                 # quick default (about 1.5 minutes on 2 CPU cores)
+    python benchmarks/bench_linchain.py --grid sweep    # the recorded sweep (benchmarks/RESULTS.md, ~9 min)
     python benchmarks/bench_linchain.py --json out.json --dtype bf16 --device cuda
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def flops(case, method):
     return base + 2.0 * n * r * (2 * d + k * r) + 2.0 * n * r * (3 * d + 2 * k * r) + 4.0 * d * r * n
 
 
-def run_case(case, device, dtype, rounds):
+def run_case(case, device, dtype, rounds, budget_s):
     """Times the three layers interleaved call by call (linear, peft, fused, linear, ...) for ``rounds`` rounds, so
     that the drift of a shared machine hits all three alike; reports each layer's median time and the median of
     the per-round ratios (with their interquartile range: the spread this machine gives)."""
@@ -95,7 +95,7 @@ def run_case(case, device, dtype, rounds):
     for name, layer in layers.items():
         layer.train()
         fns[name] = {"fwd": lambda layer=layer: layer(x), "fwd_bwd": lambda layer=layer: layer(x).backward(gy)}
-    times = {key: _harness.interleaved_seconds([fns[n][key] for n in layers], device, rounds)
+    times = {key: _harness.interleaved_seconds([fns[n][key] for n in layers], device, rounds, budget_s)
              for key in ("fwd", "fwd_bwd")}
     names = list(layers)
     med = _harness.quantile
@@ -123,7 +123,9 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                     help="default: fp32 on the CPU, bf16 on a GPU")
     ap.add_argument("--rounds", type=int, default=None,
-                    help="interleaved rounds per case (default: about 20 s of timing per case, 5 to 40 rounds)")
+                    help="interleaved rounds per case (default: as many as fit in --budget, 5 to 40)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds of timing per case and measurement (default 8 for quick, 20 otherwise)")
     ap.add_argument("--json", default=None, help="write results with machine, versions and commit here")
     args = ap.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
@@ -131,7 +133,8 @@ def main(argv=None):
     torch.manual_seed(0)
     rows = []
     for case in GRIDS[args.grid]:
-        rows += run_case(case, args.device, dtype, args.rounds)
+        budget = args.budget or (8.0 if args.grid == "quick" else 20.0)
+        rows += run_case(case, args.device, dtype, args.rounds, budget)
         print(f"done {case}", file=sys.stderr, flush=True)
     m = _harness.machine()
     print(f"# linchain layer, {args.device} {dtype}, {m.get('gpu', m['cpu'])}, {m['threads']} threads, "

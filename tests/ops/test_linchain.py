@@ -304,3 +304,18 @@ def test_reference_accepts_no_chain():
     inp = make_inputs((3,), 5, 4, 2, 0, torch.float64)
     a = [inp[k] for k in ("x", "weight", "bias", "lora_A")]
     torch.testing.assert_close(linchain_ref(*a, None, inp["lora_B"], 1.0), linchain_ref(*a, [], inp["lora_B"], 1.0))
+
+
+# ---------------------------------------------------------------------------------------------- properties
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=3), d_in=st.integers(1, 17), d_out=st.integers(1, 13),
+       r=st.integers(1, 9), k=st.integers(0, 3), bias=st.booleans(), p=st.sampled_from([0.0, 0.3]),
+       noncontig=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_property_any_shape_matches_reference(lead, d_in, d_out, r, k, bias, p, noncontig, seed):
+    """The default backend against the float64 reference on shapes hypothesis picks (fp32 values and grads)."""
+    inputs = make_inputs(tuple(lead), d_in, d_out, r, k, torch.float64, bias=bias, seed=seed % 1000,
+                         noncontig=noncontig and len(lead) > 1)
+    check(inputs, torch.float32, p=p, seed=seed)
