@@ -125,7 +125,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="inputs2"):
         empirical_ntk(model, x, data(4, (8,)))
     with pytest.raises(TypeError, match="inputs1"):
-        empirical_ntk(model, {"x": x})
+        empirical_ntk(model, [x])
     with pytest.raises(ValueError, match="output_fn"):
         empirical_ntk(model, x, output_fn=lambda o: o.sum(1))
     with pytest.raises(ValueError, match="output_fn"):
@@ -164,13 +164,11 @@ def test_output_independent_of_params():
         empirical_ntk(model, data(4), params=r"^unused\.")
 
 
-def test_non_linear_params_not_implemented():
+def test_non_linear_params_through_fallback():
     model = nn.Sequential(nn.Linear(7, 5), nn.LayerNorm(5), nn.Linear(5, 2)).double()
-    with pytest.raises(NotImplementedError, match="1.weight"):
-        empirical_ntk(model, data(3))
-    x = data(4)  # the torch.func strategy handles any parameter
-    ref = empirical_ntk(model, x, strategy="jacobian", dtype=F64)
-    out = empirical_ntk(model, x, params=lambda n, p: not n.startswith("1."), dtype=F64)
-    sub = empirical_ntk_reference(model, x, params=lambda n, p: not n.startswith("1."), dtype=F64)
-    assert ref.shape == (4, 4, 2, 2)
-    assert_close(out, sub, F64)
+    x = data(4)  # LayerNorm through the torch.func fallback, the Linear layers through the fast path
+    for params in (None, lambda n, p: not n.startswith("1."), r"^1\."):
+        out = empirical_ntk(model, x, params=params, block_size=3, dtype=F64)
+        ref = empirical_ntk_reference(model, x, params=params, dtype=F64)
+        assert ref.shape == (4, 4, 2, 2)
+        assert_close(out, ref, F64, name=f"params {params}")
