@@ -37,7 +37,6 @@ LinChain adapter (instead of dropping its chain) relies on peft >= 0.21's ``is_l
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import numbers
 import warnings
@@ -128,21 +127,18 @@ def _fused_linear(layer: LoraLayer, adapter: str, x: Tensor, chain: Optional[Ten
     """base(x) + s · B C_k ⋯ C_1 A dropout(x) for one adapter, as one ``linchain_linear`` call.
 
     Conv1D (GPT-2, ``fan_in_fan_out``) stores W as (d_in, d_out) and computes x W + b: the op gets ``W.T``, a
-    strided view, no copy here.  Everything is cast to the base weight's dtype, or to the autocast dtype under
-    ``torch.autocast``, which is then switched off for the op (its kernels pick their own accumulation dtype).
+    strided view, no copy here.  Outside autocast everything is cast to the base weight's dtype (peft may keep
+    fp32 adapters on a bf16 base); under ``torch.autocast`` the op itself casts to the autocast dtype.
     """
     base = layer.get_base_layer()
     weight = base.weight.T if isinstance(base, Conv1D) else base.weight
-    dev = x.device.type
-    autocast = torch.is_autocast_enabled(dev)
-    dtype = torch.get_autocast_dtype(dev) if autocast else weight.dtype
+    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    cast = (lambda t: t) if autocast else (lambda t: None if t is None else t.to(weight.dtype))  # noqa: E731
     drop = layer.lora_dropout[adapter]
     p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731  (a no-op when the dtype already matches)
-    args = (cast(x), cast(weight), cast(base.bias), cast(layer.lora_A[adapter].weight), cast(chain),
-            cast(layer.lora_B[adapter].weight), float(layer.scaling[adapter]), p)
-    with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
-        return linchain_linear(*args, training=drop.training)
+    return linchain_linear(cast(x), weight, cast(base.bias), cast(layer.lora_A[adapter].weight), cast(chain),
+                           cast(layer.lora_B[adapter].weight), float(layer.scaling[adapter]), p,
+                           training=drop.training)
 
 
 # ----------------------------------------------------------------------------------------------
