@@ -151,9 +151,6 @@ def _check_args(inputs1, inputs2, mode, kernel, strategy, block_size, dtype):
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel != "sgd":
-        raise NotImplementedError(f"kernel={kernel!r} is not implemented yet (only 'sgd', the eNTK); the sign "
-                                  f"kernels need per-sample gradients tile by tile (issue 3)")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
@@ -237,17 +234,22 @@ def per_sample_jacobian(model: nn.Module, x: Inputs, chosen: Sequence[Tuple[str,
 
 
 def empirical_ntk_reference(model: nn.Module, inputs1: Inputs, inputs2: Optional[Inputs] = None, *,
-                            params: ParamsSpec = None, mode: str = "full", output_fn: Optional[Callable] = None,
-                            dtype: torch.dtype = torch.float32) -> Tensor:
+                            params: ParamsSpec = None, mode: str = "full", kernel: str = "sgd",
+                            output_fn: Optional[Callable] = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The eNTK the plain way: J = vmap(jacrev(f)) per sample, (N, C, P), then K = J₁ J₂ᵀ contracted per
-    ``mode`` ("full" (N1, N2, C, C), "trace" (N1, N2), "diagonal" (N1, N2, C)).  Any parameter type works;
-    inputs a Tensor or a mapping of tensors (keyword arguments).  Where vmap fails (data-dependent control
-    flow) it loops over the samples.  Memory O(N·C·P): the test oracle and strategy="jacobian"."""
-    _check_args(inputs1, inputs2, mode, "sgd", "jacobian", None, dtype)
+    ``mode`` ("full" (N1, N2, C, C), "trace" (N1, N2), "diagonal" (N1, N2, C)).  ``kernel``: "sgd" J₁ J₂ᵀ,
+    "signgd" sign(J₁) sign(J₂)ᵀ, "asymmetric_signgd" J₁ sign(J₂)ᵀ (the sign side is inputs2).  Any parameter
+    type works; inputs a Tensor or a mapping of tensors (keyword arguments).  Where vmap fails (data-dependent
+    control flow) it loops over the samples.  Memory O(N·C·P): the test oracle and strategy="jacobian"."""
+    _check_args(inputs1, inputs2, mode, kernel, "jacobian", None, dtype)
     chosen = select_params(model, params)
     ct = _compute_dtype(dtype)
     J1 = per_sample_jacobian(model, inputs1, chosen, output_fn, ct)
     J2 = J1 if inputs2 is None else per_sample_jacobian(model, inputs2, chosen, output_fn, ct)
+    if kernel != "sgd":
+        J2 = J2.sign()
+        if kernel == "signgd":
+            J1 = J1.sign()
     return _contract(J1, J2, mode).to(dtype)
 
 
