@@ -39,12 +39,12 @@ import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODES = ("full", "trace", "diagonal")
 KERNELS = ("sgd", "signgd", "asymmetric_signgd")
 STRATEGIES = ("auto", "gram", "materialize", "jacobian")
-DEFAULT_BLOCK_SIZE = 64
 
 ParamsSpec = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 
@@ -257,6 +257,8 @@ def empirical_ntk_reference(model: nn.Module, inputs1: Inputs, inputs2: Optional
 # The engine
 # ----------------------------------------------------------------------------------------------
 FALLBACK = "torch.func"  # the features' key of the parameters without a fast path
+MAX_BLOCK = 128  # the largest default block (samples per forward)
+MIN_BLOCK = 16  # below this block size, materialised layers switch to the Gram trick to fit the budget
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -264,29 +266,50 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor)
 
 
+def _is_norm(m: nn.Module) -> bool:
+    """A norm layer y = w ⊙ u(x) + b over the last dim: nn.LayerNorm / nn.RMSNorm with a 1-D normalized_shape,
+    or a class named *LayerNorm / *RMSNorm (transformers' LlamaRMSNorm, T5LayerNorm, ...) with a 1-D weight.
+    u(x) is taken as the module's own output with w = 1, b = 0, so it matches the module's arithmetic; a norm
+    that is not of this form (e.g. y = (1 + w) ⊙ u) fails the first-block check and takes the fallback."""
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    if not isinstance(w, nn.Parameter) or w.ndim != 1:
+        return False
+    if b is not None and not (isinstance(b, nn.Parameter) and b.shape == w.shape):
+        return False
+    rms = getattr(nn, "RMSNorm", None)
+    if isinstance(m, nn.LayerNorm) or (rms is not None and isinstance(m, rms)):
+        return len(m.normalized_shape) == 1
+    return type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
 def _fast_kind(m: nn.Module) -> Optional[str]:
     if isinstance(m, nn.Linear) or _is_conv1d(m):
         return "linear"
     if isinstance(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq:
         return "embedding"
+    if (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and isinstance(m.padding, tuple) and all(isinstance(v, int) for v in m.padding)):
+        return "conv2d"
+    if _is_norm(m):
+        return "norm"
     return None
 
 
 class _Sites:
-    """Forward hooks on the fast-path modules keeping every call's input (A, or token ids) and output z."""
+    """Forward hooks on the fast-path modules keeping every call's arguments and output z."""
 
     def __init__(self, layers: Dict[nn.Module, Tuple[bool, bool]]):
         self.layers = layers  # module -> (weight selected, bias selected)
-        self.calls: Dict[nn.Module, List[Tuple[Tensor, Tensor]]] = {m: [] for m in layers}
+        self.calls: Dict[nn.Module, List[tuple]] = {m: [] for m in layers}
         self.handles = []
 
     def __enter__(self):
         for m in self.layers:
-            self.handles.append(m.register_forward_hook(self._hook))
+            self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         return self
 
-    def _hook(self, module, args, output):
-        self.calls[module].append((args[0].detach(), output))
+    def _hook(self, module, args, kwargs, output):
+        self.calls[module].append((args, kwargs, output))
 
     def __exit__(self, *exc):
         for h in self.handles:
@@ -296,8 +319,8 @@ class _Sites:
 class _NoFastPath(Exception):
     """A fast-path module was called on a tensor not batched like the samples (e.g. BERT's position
     embeddings on (1, T) ids), or its parameter is also used outside its module's calls (e.g. an embedding
-    matrix reused through F.linear), so the hooks do not see all of its gradient: its parameters move to the
-    torch.func fallback."""
+    matrix reused through F.linear), or it is a norm not of the form w ⊙ u(x) + b, so the hooks do not give
+    its gradient: its parameters move to the torch.func fallback."""
 
     def __init__(self, module):
         super().__init__(type(module).__name__)
@@ -330,24 +353,79 @@ def _split_params(model: nn.Module, chosen, exclude=()) -> Tuple[Dict[nn.Module,
     return {m: tuple(v) for m, v in layers.items()}, rest
 
 
-def _use_gram(T: int, d_in: int, d_out: int, strategy: str) -> bool:
-    """Gram costs T²(d_in + d_out) per pair, materialised gradients d_in·d_out per pair."""
-    if strategy == "gram":
-        return True
-    if strategy == "materialize":
-        return False
-    return T * T * (d_in + d_out) <= d_in * d_out
+# ---------------------------------------------------------------------------------------- per-layer features
+class _Raw:
+    """One fast-path module's inputs and output gradients over a block of n samples, its T positions (every
+    call of the module, concatenated): A (n, T, K) float features or (n, T) token ids, G (n, C, T, d_out).
+      linear    A = the layer's input (K = d_in)                 ∂f_c/∂W = G_cᵀ A
+      conv2d    A = the unfolded input patches (T = H_out·W_out, K = C_in·kh·kw)
+      embedding A = the token ids; ∂f_c/∂W = scatter-add of G_c rows at the ids
+      norm      A = u(x), the module's output with w = 1, b = 0  ∂f_c/∂w = Σ_t G_{c,t} ⊙ u_t"""
+
+    def __init__(self, module, kind, A, G, w_sel, b_sel):
+        self.module, self.kind, self.A, self.G, self.w_sel, self.b_sel = module, kind, A, G, w_sel, b_sel
+
+    def grads(self, A=None, G=None) -> List[Tensor]:
+        """Per-sample gradients, in the parameters' own layout: [(n, C, *weight.shape)] if the weight is
+        selected, then [(n, C, *bias.shape)] if the bias is."""
+        A = self.A if A is None else A
+        G = self.G if G is None else G
+        m, n, C = self.module, G.shape[0], G.shape[1]
+        out = []
+        if self.w_sel:
+            if self.kind == "embedding":
+                W = torch.zeros(n, C, m.num_embeddings, G.shape[3], dtype=G.dtype, device=G.device)
+                W.index_put_((torch.arange(n, device=G.device)[:, None, None],
+                              torch.arange(C, device=G.device)[None, :, None], A[:, None, :]), G, accumulate=True)
+            elif self.kind == "norm":
+                W = torch.einsum("ictk,itk->ick", G, A)
+            else:
+                W = torch.einsum("ictk,itd->ickd", G, A)
+                if _is_conv1d(m):
+                    W = W.transpose(-1, -2)
+                W = W.reshape(n, C, *m.weight.shape)
+            out.append(W)
+        if self.b_sel:
+            out.append(G.sum(2))
+        return out
+
+    def flat(self) -> Tensor:
+        """The per-sample gradients flattened: (n, C, P_layer)."""
+        n, C = self.G.shape[:2]
+        return torch.cat([g.reshape(n, C, -1) for g in self.grads()], -1)
+
+    def gram_ok(self) -> bool:
+        return self.kind != "norm" and self.w_sel
+
+    def costs(self) -> Tuple[float, float]:
+        """(gram, materialise): multiply-adds per sample pair (the Gram trick's T²(K + d_out) against the
+        per-sample gradients' d_out·K; an embedding's token mask costs T² against V·d)."""
+        T, d = self.G.shape[2], self.G.shape[3]
+        if self.kind == "embedding":
+            return T * T * (d + 1), self.module.num_embeddings * d
+        if self.kind == "norm":
+            return float("inf"), d
+        K = self.A.shape[2]
+        return T * T * (K + d), K * d
+
+    def nbytes(self, choice: str) -> Tuple[int, int]:
+        """(kept, transient) bytes per sample: the features a block keeps for ``choice``, and the raw A, G."""
+        n, C, T, d = self.G.shape
+        es = self.G.element_size()
+        raw = self.A[0].numel() * self.A.element_size() + C * T * d * es
+        if choice == "gram":
+            return raw + (C * d * es if self.b_sel else 0), raw
+        P = sum(p.numel() for p, s in ((self.module.weight, self.w_sel), (getattr(self.module, "bias", None),
+                                                                         self.b_sel)) if s)
+        return C * P * es, raw
 
 
-def _block_features(model, x, layers, fallback, output_fn, strategy, ct, check=False):
-    """Features of one block x (n samples), per fast-path module:
-      ("gram", A (n, T, d_in), G (n, C, T, d_out), Gsum (n, C, d_out) or None when the bias is not selected),
-      ("tok", ids (n, T), G (n, C, T, d), None) for an nn.Embedding (A_i A_jᵀ = 1[id_t = id'_s]),
-      ("mat", J (n, C, P_layer));
-    and under FALLBACK ("mat", J (n, C, P_rest)) from torch.func for the other parameters; and C.
+def _block_raw(model, x, layers, fallback, output_fn, ct, check=False):
+    """One forward and one batched backward over block x: {module: _Raw} for the fast-path modules, the
+    fallback's per-sample Jacobian (n, C, P_rest) under FALLBACK (torch.func), and C.
 
-    check: also take autograd's gradients of Σ_i f_c(x_i) for the fast-path parameters and compare them with
-    those the hooks' features give; a module where they differ raises _NoFastPath (the first block only)."""
+    check: also take autograd's gradients of Σ_i r_i·f(x_i) (r random) for the fast-path parameters and compare
+    them with those the hooks' features give; a module where they differ raises _NoFastPath."""
     n = _batch(x)
     params = [p for m, (w, b) in layers.items()
               for p, sel in ((m.weight, w), (getattr(m, "bias", None), b)) if sel]
@@ -357,13 +435,25 @@ def _block_features(model, x, layers, fallback, output_fn, strategy, ct, check=F
         for p in params:  # a selected frozen parameter still needs a graph through its layer
             p.requires_grad_(True)
         with torch.enable_grad():
-            return _features(model, x, n, layers, fallback, output_fn, strategy, ct, check)
+            raws, C = _raw_features(model, x, n, layers, fallback, output_fn, ct, check)
     finally:
         for p, r in zip(params, saved):
             p.requires_grad_(r)
+    if fallback:
+        raws[FALLBACK] = per_sample_jacobian(model, x, fallback, output_fn, ct)
+    return raws, C
 
 
-def _features(model, x, n, layers, fallback, output_fn, strategy, ct, check):
+def _norm_u(m: nn.Module, args, kwargs) -> Tensor:
+    """u(x): the norm's own output with weight 1 and bias 0 (the derivative of y = w ⊙ u + b in w)."""
+    state = {"weight": torch.ones_like(m.weight)}
+    if getattr(m, "bias", None) is not None:
+        state["bias"] = torch.zeros_like(m.bias)
+    with torch.no_grad():
+        return torch.func.functional_call(m, state, args, kwargs)
+
+
+def _raw_features(model, x, n, layers, fallback, output_fn, ct, check):
     with _Sites(layers) as sites:
         f = _outputs(_call(model, x), output_fn, n)
     C = f.shape[1]
@@ -372,205 +462,347 @@ def _features(model, x, n, layers, fallback, output_fn, strategy, ct, check):
         raise ValueError("params: the model's output does not depend on the selected parameters")
     zs = []
     for m in used:
-        for a, z in sites.calls[m]:
-            if z.shape[0] != n or a.shape[0] != n:
+        for args, _, z in sites.calls[m]:
+            if not isinstance(z, Tensor) or z.shape[0] != n or not args or args[0].shape[0] != n:
                 raise _NoFastPath(m)
             zs.append(z)
-    feats = {}
-    if used:
-        cot = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
-        actual: Dict[nn.Module, Dict[str, Optional[Tensor]]] = {}
-        if check:  # one random combination r of the outputs: ∂(Σ_i r_i·f(x_i))/∂θ, 1/C of the batched cost
-            gen = torch.Generator(device=f.device).manual_seed(0)
-            r = torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
-            owned = [(m, p) for m in used
-                     for p, sel in zip((m.weight, getattr(m, "bias", None)), layers[m]) if sel]
-            pg = torch.autograd.grad(f, [p for _, p in owned], r, retain_graph=True, allow_unused=True)
-            for (m, p), g in zip(owned, pg):
-                actual.setdefault(m, {})["w" if p is m.weight else "b"] = None if g is None else g[None]
-        grads = torch.autograd.grad(f, zs, cot, is_grads_batched=True, allow_unused=True)
-        if all(g is None for g in grads) and not fallback:
-            raise ValueError("params: the model's output does not depend on the selected parameters")
-        k = 0
-        for m in used:
-            As, Gs = [], []
-            for a, z in sites.calls[m]:
-                g = grads[k] if grads[k] is not None else torch.zeros((C, *z.shape), dtype=z.dtype,
-                                                                      device=z.device)
-                k += 1
-                As.append(a.reshape(n, -1) if isinstance(m, nn.Embedding) else a.reshape(n, -1, a.shape[-1]))
-                Gs.append(g.reshape(C, n, -1, g.shape[-1]).transpose(0, 1))
-            G = torch.cat(Gs, 2).to(ct)  # several calls of one module: their positions concatenated along T
-            w_sel, b_sel = layers[m]
-            if isinstance(m, nn.Embedding):
-                ids = torch.cat(As, 1)
-                if m.padding_idx is not None:  # the padding row gets no gradient
-                    G = G * (ids != m.padding_idx)[:, None, :, None].to(ct)
-                if check and not _check_hooks(m, ids, _combine(G, r, ct), actual[m], f.dtype):
+    raws: Dict = {}
+    if not used:
+        return raws, C
+    cot = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
+    actual: Dict[nn.Module, List[Optional[Tensor]]] = {}
+    if check:  # one random combination r of the outputs: ∂(Σ_i r_i·f(x_i))/∂θ, 1/C of the batched cost
+        gen = torch.Generator(device=f.device).manual_seed(0)
+        r = torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
+        owned = [(m, p) for m in used
+                 for p, sel in zip((m.weight, getattr(m, "bias", None)), layers[m]) if sel]
+        pg = torch.autograd.grad(f, [p for _, p in owned], r, retain_graph=True, allow_unused=True)
+        for (m, p), g in zip(owned, pg):
+            actual.setdefault(m, []).append(torch.zeros_like(p) if g is None else g)
+    grads = torch.autograd.grad(f, zs, cot, is_grads_batched=True, allow_unused=True)
+    if all(g is None for g in grads) and not fallback:
+        raise ValueError("params: the model's output does not depend on the selected parameters")
+    k = 0
+    for m in used:
+        kind = _fast_kind(m)
+        As, Gs = [], []
+        for args, kwargs, z in sites.calls[m]:
+            g = grads[k] if grads[k] is not None else torch.zeros((C, *z.shape), dtype=z.dtype, device=z.device)
+            k += 1
+            a = args[0].detach()
+            if kind == "conv2d":
+                if a.ndim != 4:
                     raise _NoFastPath(m)
-                T, V, d = ids.shape[1], m.num_embeddings, G.shape[3]
-                if strategy == "gram" or (strategy == "auto" and T * T * (d + 1) <= V * d):
-                    feats[m] = ("tok", ids, G, None)
-                else:  # the per-sample gradient: scatter-add G over the token ids, (n, C, V, d)
-                    J = torch.zeros(n, C, V, d, dtype=ct, device=G.device)
-                    J.index_put_((torch.arange(n, device=G.device)[:, None, None],
-                                  torch.arange(C, device=G.device)[None, :, None], ids[:, None, :]),
-                                 G, accumulate=True)
-                    feats[m] = ("mat", J.reshape(n, C, V * d))
+                As.append(F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2))
+                Gs.append(g.reshape(C, n, g.shape[2], -1).permute(1, 0, 3, 2))
                 continue
-            A = torch.cat(As, 1).to(ct)
-            if check and not _check_hooks(m, A, _combine(G, r, ct), actual[m], f.dtype):
-                raise _NoFastPath(m)
-            Gsum = G.sum(2) if b_sel else None
-            if w_sel and _use_gram(A.shape[1], A.shape[2], G.shape[3], strategy):
-                feats[m] = ("gram", A, G, Gsum)
+            if kind == "embedding":
+                As.append(a.reshape(n, -1))
             else:
-                parts = [torch.einsum("ictk,itd->ickd", G, A).reshape(n, C, -1)] if w_sel else []
-                feats[m] = ("mat", torch.cat(parts + ([Gsum] if b_sel else []), -1))
-    if fallback:
-        feats[FALLBACK] = ("mat", per_sample_jacobian(model, x, fallback, output_fn, ct))
-    return feats, C
+                if kind == "norm":
+                    a = _norm_u(m, args, kwargs)
+                As.append(a.reshape(n, -1, a.shape[-1]))
+            Gs.append(g.reshape(C, n, -1, g.shape[-1]).transpose(0, 1))
+        G = torch.cat(Gs, 2).to(ct)  # several calls of one module: their positions concatenated along T
+        A = torch.cat(As, 1)
+        if kind == "embedding":
+            if m.padding_idx is not None:  # the padding row gets no gradient
+                G = G * (A != m.padding_idx)[:, None, :, None].to(ct)
+        else:
+            A = A.to(ct)
+        raw = _Raw(m, kind, A, G, *layers[m])
+        if check and not _check_hooks(raw, r, actual[m], f.dtype):
+            raise _NoFastPath(m)
+        raws[m] = raw
+    return raws, C
 
 
-def _combine(G: Tensor, r: Tensor, ct: torch.dtype) -> Tensor:
-    """Σ_c r_{i,c} G_{i,c}: G (n, C, T, d), r (n, C) -> (n, 1, T, d)."""
-    return torch.einsum("ictk,ic->itk", G, r.to(ct)).unsqueeze(1)
-
-
-def _check_hooks(m, A, G, actual, dtype):
-    """Σ_i ∂f_c(x_i)/∂W (and /∂b) rebuilt from the hooked inputs A (or token ids) and output gradients G
-    (n, C, T, d_out) against autograd's ``actual`` {"w": (C, *W.shape), "b": (C, d_out)} (called with C = 1, one
-    random combination of the outputs); False where they differ
-    beyond rounding, i.e. by more than 10·sqrt(eps) times the same sums taken over |A|, |G| (then the
-    parameter is also used outside the module's calls)."""
-    C = G.shape[1]
-
-    def weight_grad(A, G):
-        if isinstance(m, nn.Embedding):
-            W = torch.zeros(C, m.num_embeddings, G.shape[3], dtype=G.dtype, device=G.device)
-            return W.index_add_(1, A.reshape(-1), G.transpose(0, 1).reshape(C, -1, G.shape[3]))
-        GA = torch.matmul(G.permute(1, 3, 0, 2).reshape(C, G.shape[3], -1), A.reshape(-1, A.shape[-1]))
-        return GA if isinstance(m, nn.Linear) else GA.transpose(1, 2)  # Conv1D: weight (d_in, d_out)
-
-    pairs = {}
-    if "w" in actual:
-        absA = A if isinstance(m, nn.Embedding) else A.abs()
-        pairs["w"] = (weight_grad(A, G), weight_grad(absA, G.abs()))
-    if "b" in actual:
-        pairs["b"] = (G.sum((0, 2)), G.abs().sum((0, 2)))
+def _check_hooks(raw: _Raw, r: Tensor, actual: List[Tensor], dtype) -> bool:
+    """Σ_i Σ_c r_{i,c} ∂f_c(x_i)/∂θ rebuilt from the hooked features (the block's samples merged into one
+    sequence of n·T positions, one combined output) against autograd's ``actual``; False where they differ
+    beyond rounding, i.e. by more than 10·sqrt(eps) times the same sums taken over |A|, |G|."""
+    n, C, T, d = raw.G.shape
+    Gr = torch.einsum("ictk,ic->itk", raw.G, r.to(raw.G.dtype)).reshape(1, 1, n * T, d)
+    A1 = raw.A.reshape(1, n * T, *raw.A.shape[2:])
+    absA = A1 if raw.kind == "embedding" else A1.abs()
     tol = 10 * torch.finfo(dtype).eps ** 0.5
-    for k, (r, bound) in pairs.items():
-        g = actual[k]
-        g = torch.zeros_like(r) if g is None else g.to(r.dtype)
-        if ((r - g).abs() > tol * bound + torch.finfo(dtype).tiny).any():
+    for got, bound, g in zip(raw.grads(A1, Gr), raw.grads(absA, Gr.abs()), actual):
+        if ((got[0, 0] - g.to(got.dtype)).abs() > tol * bound[0, 0] + torch.finfo(dtype).tiny).any():
             return False
     return True
 
 
-def _gram_tile(AA, G1, G2, mode):
-    """Σ_{t,s} AA_{ijts} (G_{i,c} G_{j,c'}ᵀ)_{ts}: AA (I, J, T, S) = A_i A_jᵀ, G (n, C, T, d_out)."""
-    if mode == "full":
-        return torch.einsum("ijts,ijcets->ijce", AA, torch.einsum("ictk,jesk->ijcets", G1, G2))
-    if mode == "diagonal":
-        return torch.einsum("ijts,ijcts->ijc", AA, torch.einsum("ictk,jcsk->ijcts", G1, G2))
-    return (AA * torch.einsum("ictk,jcsk->ijts", G1, G2)).sum((-2, -1))
+# ---------------------------------------------------------------------------------------- the plan
+def _free_memory(device: torch.device) -> int:
+    """Bytes the engine may use by default: 80 % of the free GPU memory, or half of MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 4 << 30
 
 
-def _tile(f1, f2, mode):
+class _Plan:
+    """Per fast-path module "gram" or "mat" (decided once, from the probe block's shapes), the block size and
+    whether every column block's features are kept (each block's forward then runs once)."""
+
+    def __init__(self, raws, C, fallback, strategy, kernel, budget, block_size, n1, n2, es):
+        self.choice = {}
+        for m, raw in raws.items():
+            if m == FALLBACK:
+                continue
+            if kernel != "sgd" or not raw.gram_ok():
+                self.choice[m] = "mat"  # sign kernels need the gradients themselves
+            elif strategy in ("gram", "materialize"):
+                self.choice[m] = "gram" if strategy == "gram" else "mat"
+            else:
+                g, mat = raw.costs()
+                self.choice[m] = "gram" if g <= mat else "mat"
+        p_rest = sum(p.numel() for _, p in fallback)
+        rest = 2 * C * p_rest * es  # the fallback's Jacobian and torch.func's intermediate
+
+        def per_sample():
+            kept = sum(raws[m].nbytes(c)[0] for m, c in self.choice.items()) + rest
+            transient = max([raws[m].nbytes(c)[1] for m, c in self.choice.items()] or [0])
+            # the forward's graph is of the order of the raw features of every layer
+            graph = sum(raws[m].nbytes("gram")[1] for m in self.choice)
+            return kept, transient + graph
+
+        want = min(max(n1, n2), MIN_BLOCK)
+        if strategy == "auto" and kernel == "sgd":  # too large to hold MIN_BLOCK samples: Gram trick instead
+            while True:
+                kept, extra = per_sample()
+                if budget >= 3 * want * (kept + extra):
+                    break
+                mats = [m for m, c in self.choice.items() if c == "mat" and raws[m].gram_ok()]
+                if not mats:
+                    break
+                worst = max(mats, key=lambda m: raws[m].nbytes("mat")[0] - raws[m].nbytes("gram")[0])
+                self.choice[worst] = "gram"
+        kept, extra = per_sample()
+        self.bytes_per_sample = kept
+        if block_size is None:
+            block_size = int(max(1, min(MAX_BLOCK, max(n1, n2), budget // (3 * (kept + extra)))))
+        self.block_size = block_size
+        # every column block's features kept when they fit beside two blocks in flight
+        self.cache = n2 * kept + 2 * block_size * (kept + extra) <= budget
+
+
+def _finalize(raws, plan: _Plan, kernel: str):
+    """The features a tile needs: ("gram", A, G, Σ_t G or None) or ("mat", J (n, C, P)) per module."""
+    feats = {}
+    for m, raw in raws.items():
+        if m == FALLBACK:
+            feats[m] = ("mat", raw)
+        elif plan.choice[m] == "gram":
+            feats[m] = ("gram", raw.A, raw.G, raw.G.sum(2) if raw.b_sel else None)
+        else:
+            feats[m] = ("mat", raw.flat())
+    if kernel == "signgd":
+        feats = {m: ("mat", f[1].sign()) for m, f in feats.items()}
+    return feats
+
+
+def _tile(f1, f2, mode, kernel):
+    from ..ops.ntk_gram import gram_contract
+
     tile = 0
     for m, a in f1.items():
         b = f2.get(m)
         if b is None:  # the layer was not reached by this block (cannot happen for same-shaped inputs)
             continue
         if a[0] == "mat":
-            tile = tile + _contract(a[1], b[1], mode)
+            tile = tile + _contract(a[1], b[1].sign() if kernel == "asymmetric_signgd" else b[1], mode)
             continue
         _, A1, G1, S1 = a
         _, A2, G2, S2 = b
-        if a[0] == "tok":
-            AA = (A1[:, None, :, None] == A2[None, :, None, :]).to(G1.dtype)
-        else:
-            AA = torch.einsum("itd,jsd->ijts", A1, A2)
-        tile = tile + _gram_tile(AA, G1, G2, mode)
+        tile = tile + gram_contract(A1, G1, A2, G2, mode)
         if S1 is not None:
             tile = tile + _contract(S1, S2, mode)
     return tile
 
 
+def _check_budget(memory_budget, progress):
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
+                                      or memory_budget <= 0):
+        raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be a bool or a callable (done, total) -> None, got {type(progress).__name__}")
+
+
+def _with_fallback_retry(model, chosen, run):
+    """run(layers, fallback) with the fast-path split; a module found unsuited (_NoFastPath, on the probe
+    block) moves to the torch.func fallback and the run starts again."""
+    excluded = set()
+    while True:
+        layers, fallback = _split_params(model, chosen, excluded)
+        try:
+            return run(layers, fallback)
+        except _NoFastPath as e:
+            excluded.add(e.module)
+
+
 def empirical_ntk(model: nn.Module, inputs1: Inputs, inputs2: Optional[Inputs] = None, *,
                   params: ParamsSpec = None, mode: str = "full", kernel: str = "sgd",
                   output_fn: Optional[Callable] = None, block_size: Optional[int] = None,
-                  strategy: str = "auto", dtype: torch.dtype = torch.float32) -> Tensor:
+                  memory_budget: Optional[int] = None, strategy: str = "auto", dtype: torch.dtype = torch.float32,
+                  progress: Union[bool, Callable[[int, int], None]] = False) -> Tensor:
     """The empirical NTK K(x, x')_{cc'} = Σ_p ∂f_c(x)/∂θ_p ∂f_{c'}(x')/∂θ_p of ``model``, exactly.
 
     model      an nn.Module; call ``model.eval()`` first if it has dropout (one forward per block).
     inputs1    Tensor (N1, ...) batched on dim 0, the model's one argument; or a mapping of such tensors
                (e.g. input_ids, attention_mask), the model's keyword arguments.  inputs2: the same kind, the
-               same keys and per-sample shapes, or None for inputs1 (then only tiles j >= i are computed and
-               the result is exactly symmetric).
+               same keys and per-sample shapes, or None for inputs1 (then, except for "asymmetric_signgd",
+               only tiles j >= i are computed and the result is exactly symmetric).
     params     None (every parameter with requires_grad), a list of names, a regex (re.search on the name) or
-               a predicate (name, param) -> bool.  Any parameter: nn.Linear / transformers Conv1D weights and
-               biases and nn.Embedding weights take the fast path (Gram trick or materialised per-sample
-               gradients); every other parameter (LayerNorm, Conv2d, tied weights, a fast-path module called
-               on unbatched tensors, ...) the exact fallback: per-sample Jacobians from torch.func (vmap over
-               the block's samples of jacrev, or a loop over the samples where vmap fails on data-dependent
-               control flow, as with transformers' attention masks: correct, slower), memory O(block·C·P_rest).
-               On the first block the hooks' gradients of Σ_i f_c(x_i) are checked against autograd's: a
-               fast-path parameter also used outside its module's calls (e.g. F.linear(h, emb.weight)) moves to
-               the fallback, as does a module called on a tensor not batched on dim 0.
+               a predicate (name, param) -> bool.  Any parameter: nn.Linear / transformers Conv1D / nn.Conv2d
+               weights and biases and nn.Embedding weights take the fast path (Gram trick or materialised
+               per-sample gradients), LayerNorm / RMSNorm weights and biases their per-sample gradients; every
+               other parameter (tied weights, grouped convolutions, a fast-path module called on unbatched
+               tensors, ...) the exact fallback: per-sample Jacobians from torch.func (vmap over the block's
+               samples of jacrev, or a loop over the samples where vmap fails on data-dependent control flow, as
+               with transformers' attention masks: correct, slower), memory O(block·C·P_rest).  On a probe block
+               the hooks' gradients of Σ_i r_i·f(x_i) are checked against autograd's: a fast-path parameter also
+               used outside its module's calls (e.g. F.linear(h, emb.weight)) moves to the fallback, as does a
+               module called on a tensor not batched on dim 0.
     mode       "full" -> (N1, N2, C, C); "trace" -> (N1, N2) = Σ_c K_cc (neural-tangents' trace divides by C,
                this one does not); "diagonal" -> (N1, N2, C) = K_cc.
-    kernel     "sgd" (the eNTK); "signgd" and "asymmetric_signgd" are not implemented yet.
+    kernel     "sgd" (the eNTK); "signgd" ⟨sign ∇f(x), sign ∇f(x')⟩; "asymmetric_signgd" ⟨∇f(x), sign ∇f(x')⟩
+               (Adam's kernel, Malladi et al. 2023; the sign side is inputs2).  Sign kernels materialise the
+               per-sample gradients block by block (no Gram trick).
     output_fn  model output -> (N, C) tensor; default: the output itself or its ``.logits`` (2-D).
-    block_size samples per forward (default 64); peak memory is bounded by two blocks' features and one tile.
+    block_size samples per forward; default: the most (up to 128) whose features fit ``memory_budget``.
+    memory_budget  bytes the engine may hold (features of two blocks, the forward's graph, and, when they fit,
+               every column block's features so that each block's forward runs once); default 80 % of the
+               free GPU memory, or half of the available RAM.  Layers whose materialised gradients would not
+               let MIN_BLOCK samples fit switch to the Gram trick (strategy "auto").
     strategy   "auto" (per layer the cheaper of gram / materialize), "gram", "materialize", or "jacobian"
                (``empirical_ntk_reference``, torch.func jacrev + vmap).
     dtype      result dtype; accumulation in float64 for float64, float32 otherwise.
+    progress   True prints tiles done to stderr; a callable gets (tiles done, tiles total).
     """
     _check_args(inputs1, inputs2, mode, kernel, strategy, block_size, dtype)
+    _check_budget(memory_budget, progress)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if strategy == "jacobian":
-        return empirical_ntk_reference(model, inputs1, inputs2, params=params, mode=mode, output_fn=output_fn,
-                                       dtype=dtype)
+        return empirical_ntk_reference(model, inputs1, inputs2, params=params, mode=mode, kernel=kernel,
+                                       output_fn=output_fn, dtype=dtype)
     chosen = select_params(model, params)
-    excluded = set()
-    while True:
-        layers, fallback = _split_params(model, chosen, excluded)
-        try:
-            return _assemble(model, inputs1, inputs2, layers, fallback, mode, output_fn, block_size, strategy,
-                             dtype)
-        except _NoFastPath as e:  # found on the first block; retried with that module through torch.func
-            excluded.add(e.module)
+    return _with_fallback_retry(model, chosen, lambda layers, fallback: _assemble(
+        model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn, block_size, memory_budget, strategy,
+        dtype, progress))
 
 
-def _assemble(model, inputs1, inputs2, layers, fallback, mode, output_fn, block_size, strategy, dtype):
+def _progress_fn(progress):
+    if callable(progress) and not isinstance(progress, bool):
+        return progress
+    if not progress:
+        return None
+    import sys
+
+    def show(done, total):
+        sys.stderr.write(f"\rempirical_ntk: {done}/{total} tiles" + ("\n" if done == total else ""))
+        sys.stderr.flush()
+    return show
+
+
+def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn, block_size, memory_budget,
+              strategy, dtype, progress):
     ct = _compute_dtype(dtype)
-    bs = block_size or DEFAULT_BLOCK_SIZE
-    symmetric = inputs2 is None
-    x2 = inputs1 if symmetric else inputs2
+    symmetric = inputs2 is None and kernel != "asymmetric_signgd"
+    x2 = inputs1 if inputs2 is None else inputs2
     n1, n2 = _batch(inputs1), _batch(x2)
+    # a probe block (two samples) checks the hooks and gives the layers' shapes for the plan
+    probe_x = inputs1 if n1 >= 2 or n2 < 2 else x2
+    raws, C = _block_raw(model, _slice(probe_x, 0, min(_batch(probe_x), 2)), layers, fallback, output_fn, ct,
+                         check=True)
+    budget = int(memory_budget) if memory_budget is not None else _free_memory(_device(inputs1))
+    plan = _Plan(raws, C, fallback, strategy, kernel, budget, block_size, n1, n2, torch.finfo(ct).bits // 8)
+    del raws
+    bs = plan.block_size
     rows = [(i, min(i + bs, n1)) for i in range(0, n1, bs)]
     cols = [(j, min(j + bs, n2)) for j in range(0, n2, bs)]
-    K = None
+    total = sum(1 for bi in range(len(rows)) for bj in range(len(cols)) if not (symmetric and bj < bi))
+    show = _progress_fn(progress)
+    cache: Dict[int, dict] = {}
+
+    def features(x, i0, i1, key=None):
+        if key is not None and key in cache:
+            return cache[key]
+        raws, c = _block_raw(model, _slice(x, i0, i1), layers, fallback, output_fn, ct)
+        if c != C:
+            raise ValueError(f"output_fn gives {C} outputs on inputs1 but {c} on inputs2")
+        f = _finalize(raws, plan, kernel)
+        if key is not None and plan.cache:
+            cache[key] = f
+        return f
+
+    K = _empty_kernel(n1, n2, C, mode, ct, _device(inputs1))
+    done = 0
     for bi, (i0, i1) in enumerate(rows):
-        fi, C = _block_features(model, _slice(inputs1, i0, i1), layers, fallback, output_fn, strategy, ct,
-                                check=bi == 0)
-        if K is None:
-            K = _empty_kernel(n1, n2, C, mode, ct, _device(inputs1))
+        fi = features(inputs1, i0, i1, key=bi if inputs2 is None else None)
         for bj, (j0, j1) in enumerate(cols):
             if symmetric and bj < bi:
                 continue
-            if symmetric and bj == bi:
-                fj = fi
-            else:
-                fj, c2 = _block_features(model, _slice(x2, j0, j1), layers, fallback, output_fn, strategy, ct)
-                if c2 != C:
-                    raise ValueError(f"output_fn gives {C} outputs on inputs1 but {c2} on inputs2")
-            tile = _tile(fi, fj, mode)
+            fj = fi if (inputs2 is None and bj == bi) else features(x2, j0, j1, key=bj)
+            tile = _tile(fi, fj, mode, kernel)
             if symmetric and bj == bi:  # exactly symmetric despite rounding (float addition commutes)
                 tile = 0.5 * (tile + _mirror(tile, mode))
             K[i0:i1, j0:j1] = tile
             if symmetric and bj != bi:
                 K[j0:j1, i0:i1] = _mirror(tile, mode)
+            done += 1
+            if show is not None:
+                show(done, total)
     return K.to(dtype)
+
+
+def per_sample_grads(model: nn.Module, inputs: Inputs, *, params: ParamsSpec = None,
+                     output_fn: Optional[Callable] = None, block_size: Optional[int] = None,
+                     dtype: torch.dtype = torch.float32) -> Dict[str, Tensor]:
+    """Per-sample, per-output gradients {name: (N, C, *param.shape)}: [n, c] = ∂f_c(x_n)/∂θ, exactly.
+
+    The same machinery as ``empirical_ntk`` (hooks on nn.Linear / Conv1D / Conv2d / Embedding / LayerNorm /
+    RMSNorm, one forward and one batched backward per block of ``block_size`` samples (default 64), the
+    torch.func fallback for every other parameter); ``params``, ``output_fn``, ``inputs`` as there.  The result
+    holds N·C·P numbers: for the kernel itself use ``empirical_ntk``, which never forms it."""
+    _check_inputs("inputs", inputs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
+                                   or block_size < 1):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    chosen = select_params(model, params)
+    names = {id(p): n for n, p in chosen}
+    ct = _compute_dtype(dtype)
+    n, bs = _batch(inputs), block_size or 64
+
+    def run(layers, fallback):
+        out: Dict[str, List[Tensor]] = {name: [] for name, _ in chosen}
+        for b, i0 in enumerate(range(0, n, bs)):
+            i1 = min(n, i0 + bs)
+            raws, C = _block_raw(model, _slice(inputs, i0, i1), layers, fallback, output_fn, ct, check=b == 0)
+            for m, raw in raws.items():
+                if m == FALLBACK:
+                    k = 0
+                    for name, p in fallback:
+                        out[name].append(raw[..., k:k + p.numel()].reshape(*raw.shape[:2], *p.shape).to(dtype))
+                        k += p.numel()
+                    continue
+                ps = [p for p, s in ((m.weight, raw.w_sel), (getattr(m, "bias", None), raw.b_sel)) if s]
+                for p, g in zip(ps, raw.grads()):
+                    out[names[id(p)]].append(g.to(dtype))
+            for name, p in chosen:  # a fast-path module this block did not reach: its gradient is zero
+                if len(out[name]) <= b:
+                    out[name].append(torch.zeros(i1 - i0, C, *p.shape, dtype=dtype, device=p.device))
+        return {name: torch.cat(v, 0) for name, v in out.items()}
+
+    return _with_fallback_retry(model, chosen, run)

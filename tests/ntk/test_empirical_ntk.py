@@ -142,10 +142,12 @@ def test_bad_inputs():
         empirical_ntk(model, x, strategy="nope")
     with pytest.raises(ValueError, match="block_size"):
         empirical_ntk(model, x, block_size=0)
-    with pytest.raises(NotImplementedError, match="signgd"):
-        empirical_ntk(model, x, kernel="signgd")
-    with pytest.raises(NotImplementedError, match="asymmetric_signgd"):
-        empirical_ntk(model, x, kernel="asymmetric_signgd")
+    with pytest.raises(ValueError, match="kernel"):
+        empirical_ntk(model, x, kernel="adam")
+    with pytest.raises(ValueError, match="memory_budget"):
+        empirical_ntk(model, x, memory_budget=0)
+    with pytest.raises(TypeError, match="progress"):
+        empirical_ntk(model, x, progress="yes")
 
 
 def test_output_independent_of_params():

@@ -1,5 +1,5 @@
-"""empirical_ntk on models beyond nn.Linear: the torch.func fallback (LayerNorm, Conv2d, tied weights, unbatched
-calls), the Conv1D / Embedding fast paths, and mapping inputs (transformers BERT / GPT-2, random tiny configs),
+"""empirical_ntk on models beyond nn.Linear: the LayerNorm and Conv2d fast paths, the torch.func fallback (tied
+weights, unbatched calls), the Conv1D / Embedding fast paths, and mapping inputs (transformers BERT / GPT-2, random tiny configs),
 against an independent oracle: a loop over samples and outputs of torch.autograd.grad, in float64."""
 import itertools
 
@@ -83,10 +83,10 @@ class SmallCNN(nn.Module):
 
 
 @pytest.mark.parametrize("mode,strategy", itertools.product(MODES, ("auto", "gram", "materialize")))
-def test_layernorm_mlp_fallback(mode, strategy):
+def test_layernorm_mlp_fast_path(mode, strategy):
     model = ln_mlp()
     layers, rest = _split_params(model, select_params(model, None))
-    assert {n for n, _ in rest} == {"1.weight", "1.bias", "4.weight", "4.bias"} and len(layers) == 3
+    assert rest == [] and len(layers) == 5  # LayerNorm weights and biases take the norm fast path
     x1, x2 = data(7, (6,)), data(4, (6,), seed=1)
     for b, bs in ((None, 3), (x2, 2), (x2, None)):
         out = empirical_ntk(model, x1, b, mode=mode, strategy=strategy, block_size=bs, dtype=F64)
@@ -103,8 +103,10 @@ def test_layernorm_mlp_params_subsets(params):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_cnn_conv2d_fallback(mode):
+def test_cnn_conv2d_fast_path(mode):
     model = SmallCNN().double().eval()
+    layers, rest = _split_params(model, select_params(model, None))
+    assert rest == [] and {type(m) for m in layers} == {nn.Conv2d, nn.Linear}
     x1, x2 = data(5, (2, 5, 5)), data(3, (2, 5, 5), seed=5)
     for b in (None, x2):
         out = empirical_ntk(model, x1, b, mode=mode, block_size=2, dtype=F64)
@@ -229,7 +231,7 @@ def test_gpt2_conv1d_and_embedding_fast_paths(strategy):
     model = transformers.GPT2ForSequenceClassification(cfg).double().eval()
     layers, rest = _split_params(model, select_params(model, None))
     assert sum(type(m).__name__ == "Conv1D" for m in layers) == 4
-    assert all(".ln_" in n for n, _ in rest)
+    assert sum(isinstance(m, nn.LayerNorm) for m in layers) == 3 and rest == []
     x1, x2 = text(4, 5, 40), text(3, 5, 40, seed=3)
     for mode, b in itertools.product(MODES, (None, x2)):
         out = empirical_ntk(model, x1, b, mode=mode, strategy=strategy, block_size=3, dtype=F64)

@@ -1,0 +1,179 @@
+"""The engine's newer paths against the independent float64 oracle (a loop of torch.autograd.grad): norm layers
+(nn.RMSNorm, transformers-style RMSNorm, a norm of another form that must fall back), Conv2d variants (stride,
+dilation, rectangular kernels, grouped -> fallback), per_sample_grads, the sign kernels, memory_budget (small
+blocks, the Gram switch, column caching) and progress."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from _compare import assert_close
+from ntk_kernels import per_sample_grads
+from ntk_kernels.ntk import empirical_ntk, empirical_ntk_reference
+from ntk_kernels.ntk.empirical import _split_params, select_params
+from tests.ntk.test_empirical_ntk_models import data, jacobian_loop, ln_mlp, oracle
+
+F64 = torch.float64
+MODES = ("full", "trace", "diagonal")
+
+
+class ScaledRMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm arithmetic: fp32 statistics, weight ⊙ u(x)."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.variance_epsilon = eps
+
+    def forward(self, h):
+        var = h.pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(var + self.variance_epsilon))
+
+
+class OffsetRMSNorm(ScaledRMSNorm):
+    """Gemma's form y = (1 + w) ⊙ u(x): not w ⊙ u + b, so the first-block check must send it to the fallback."""
+
+    def forward(self, h):
+        var = h.pow(2).mean(-1, keepdim=True)
+        return (1.0 + self.weight) * (h * torch.rsqrt(var + self.variance_epsilon))
+
+
+def norm_model(norm_cls):
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 7), norm_cls(7), nn.Tanh(), nn.Linear(7, 2)).double().eval()
+
+
+@pytest.mark.parametrize("norm", ["torch_rms", "scaled", "offset"])
+def test_rmsnorm_variants(norm):
+    cls = {"torch_rms": lambda d: nn.RMSNorm(d, eps=1e-5), "scaled": ScaledRMSNorm, "offset": OffsetRMSNorm}[norm]
+    model = norm_model(cls)
+    if norm == "torch_rms":
+        with torch.no_grad():
+            model[1].weight.uniform_(0.5, 1.5)
+    x1, x2 = data(5, (4, 5)), data(3, (4, 5), seed=1)  # (N, T, d): norms over the last dim at 4 positions
+    out_fn = lambda o: o.mean(1)  # noqa: E731
+    for mode, b in itertools.product(MODES, (None, x2)):
+        out = empirical_ntk(model, x1, b, mode=mode, output_fn=out_fn, block_size=2, dtype=F64)
+        assert_close(out, oracle(model, x1, b, mode=mode, output_fn=out_fn), F64, name=f"{norm} {mode}")
+    only = empirical_ntk(model, x1, x2, params=r"^1\.", output_fn=out_fn, dtype=F64)
+    assert_close(only, oracle(model, x1, x2, params=r"^1\.", output_fn=out_fn), F64, name=f"{norm} weight only")
+
+
+class ConvNet(nn.Module):
+    def __init__(self, groups=1):
+        super().__init__()
+        torch.manual_seed(4)
+        self.c1 = nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=groups)
+        self.c2 = nn.Conv2d(6, 4, 1, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(torch.relu(self.c1(x))))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "gram", "materialize"])
+def test_conv2d_stride_dilation_and_groups(strategy):
+    model = ConvNet().double().eval()
+    x1, x2 = data(4, (3, 7, 6)), data(3, (3, 7, 6), seed=2)
+    for mode, b in itertools.product(MODES, (None, x2)):
+        out = empirical_ntk(model, x1, b, mode=mode, strategy=strategy, block_size=3, dtype=F64)
+        assert_close(out, oracle(model, x1, b, mode=mode), F64, name=f"conv {mode} {strategy}")
+    grouped = ConvNet(groups=3).double().eval()
+    layers, rest = _split_params(grouped, select_params(grouped, None))
+    assert {n for n, _ in rest} == {"c1.weight", "c1.bias"}  # grouped convolutions take the fallback
+    assert_close(empirical_ntk(grouped, x1, x2, dtype=F64), oracle(grouped, x1, x2), F64, name="grouped conv")
+
+
+def _psg_oracle(model, x, params=None, output_fn=None):
+    J = jacobian_loop(model, x, params, output_fn)
+    out, k = {}, 0
+    for name, p in select_params(model, params):
+        out[name] = J[..., k:k + p.numel()].reshape(*J.shape[:2], *p.shape)
+        k += p.numel()
+    return out
+
+
+def test_per_sample_grads_every_path():
+    """Linear, LayerNorm, Conv2d, Embedding (with padding_idx) and a tied parameter (fallback), in their own
+    layouts, against the oracle; blocks of 2 over 5 samples."""
+    from tests.ntk.test_empirical_ntk_models import TiedLM, TokenModel
+
+    cases = [(ln_mlp(), data(5, (6,)), None), (ConvNet().double().eval(), data(5, (3, 7, 6)), None),
+             (TokenModel().double().eval(), torch.randint(0, 9, (5, 6), generator=torch.Generator().manual_seed(0)),
+              None),
+             (TiedLM().double().eval(), torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(1)),
+              None)]
+    for model, x, params in cases:
+        got = per_sample_grads(model, x, params=params, block_size=2, dtype=F64)
+        ref = _psg_oracle(model, x, params)
+        assert list(got) == list(ref)
+        for name in ref:
+            assert got[name].shape == ref[name].shape, name
+            assert_close(got[name], ref[name], F64, name=f"{type(model).__name__} {name}")
+    model = ln_mlp()
+    got = per_sample_grads(model, data(3, (6,)), params=r"^(1|6)\.", dtype=torch.float32)
+    assert set(got) == {"1.weight", "1.bias", "6.weight", "6.bias"} and got["6.weight"].dtype == torch.float32
+    with pytest.raises(ValueError, match="params"):
+        per_sample_grads(model, data(3, (6,)), params="nothing")
+    with pytest.raises(ValueError, match="block_size"):
+        per_sample_grads(model, data(3, (6,)), block_size=0)
+
+
+@pytest.mark.parametrize("kernel", ["signgd", "asymmetric_signgd"])
+def test_sign_kernels(kernel):
+    model = ln_mlp()
+    x1, x2 = data(5, (6,)), data(3, (6,), seed=3)
+    J1, J2 = jacobian_loop(model, x1), jacobian_loop(model, x2)
+    for mode, (b, Jb) in itertools.product(MODES, ((None, J1), (x2, J2))):
+        eq = {"full": "icp,jep->ijce", "diagonal": "icp,jcp->ijc", "trace": "icp,jcp->ij"}[mode]
+        left = J1.sign() if kernel == "signgd" else J1
+        want = torch.einsum(eq, left, Jb.sign())
+        out = empirical_ntk(model, x1, b, mode=mode, kernel=kernel, block_size=2, dtype=F64)
+        assert_close(out, want, F64, name=f"{kernel} {mode} inputs2={'x2' if b is not None else None}")
+        assert_close(empirical_ntk_reference(model, x1, b, mode=mode, kernel=kernel, dtype=F64), want, F64)
+    sym = empirical_ntk(model, x1, kernel=kernel, mode="trace", dtype=F64)
+    if kernel == "signgd":
+        assert torch.equal(sym, sym.T)
+    else:  # ⟨∇f(x_i), sign ∇f(x_j)⟩ is not symmetric
+        assert (sym - sym.T).abs().max() > 1e-3
+
+
+def test_memory_budget_blocks_gram_switch_and_progress():
+    """A tiny budget: blocks of one sample, materialised layers switched to the Gram trick, no column cache;
+    a large one: one block.  The kernel is the same; progress sees every tile."""
+    from ntk_kernels.ntk import empirical as E
+
+    model = ln_mlp()
+    x1, x2 = data(7, (6,)), data(5, (6,), seed=1)
+    ref = oracle(model, x1, x2)
+    seen = []
+    for budget in (1, 10**4, 10**9):
+        seen.clear()
+        out = empirical_ntk(model, x1, x2, memory_budget=budget, dtype=F64,
+                            progress=lambda d, t: seen.append((d, t)))
+        assert_close(out, ref, F64, name=f"budget {budget}")
+        assert seen and seen[-1][0] == seen[-1][1] == len(seen)
+    plans = []
+    orig = E._Plan.__init__
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        plans.append(self)
+    E._Plan.__init__ = spy
+    try:
+        empirical_ntk(model, x1, x2, memory_budget=1, strategy="auto", dtype=F64)
+        empirical_ntk(model, x1, x2, memory_budget=10**9, dtype=F64)
+    finally:
+        E._Plan.__init__ = orig
+    small, big = plans
+    assert small.block_size == 1 and not small.cache
+    assert all(c == "gram" for m, c in small.choice.items() if isinstance(m, nn.Linear))
+    assert big.block_size == 7 and big.cache
+
+
+def test_progress_true_writes_to_stderr(capsys):
+    model = ln_mlp()
+    empirical_ntk(model, data(4, (6,)), block_size=2, progress=True, dtype=F64)
+    assert "3/3 tiles" in capsys.readouterr().err  # the upper triangle of 2 x 2 blocks
