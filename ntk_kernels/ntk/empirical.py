@@ -397,16 +397,17 @@ class _Raw:
     def gram_ok(self) -> bool:
         return self.kind != "norm" and self.w_sel
 
-    def costs(self) -> Tuple[float, float]:
-        """(gram, materialise): multiply-adds per sample pair (the Gram trick's T²(K + d_out) against the
-        per-sample gradients' d_out·K; an embedding's token mask costs T² against V·d)."""
-        T, d = self.G.shape[2], self.G.shape[3]
-        if self.kind == "embedding":
-            return T * T * (d + 1), self.module.num_embeddings * d
+    def costs(self, mode: str, n_other: int) -> Tuple[float, float]:
+        """(gram, materialise) multiply-adds per sample pair for ``mode`` (Cp output pairs per c: C in full mode,
+        1 otherwise): the Gram trick T²·K + C·T²·d + Cp·C·T·d (an embedding's token mask: no T²·K) against
+        the per-sample gradients' Cp·C·K·d plus forming them, C·T·K·d per sample over ``n_other`` partners."""
+        n, C, T, d = self.G.shape
+        Cp = C if mode == "full" else 1
         if self.kind == "norm":
-            return float("inf"), d
-        K = self.A.shape[2]
-        return T * T * (K + d), K * d
+            return float("inf"), Cp * C * d
+        K = self.module.num_embeddings if self.kind == "embedding" else self.A.shape[2]
+        gram = (0 if self.kind == "embedding" else T * T * K) + C * T * T * d + Cp * C * T * d
+        return gram, Cp * C * K * d + C * T * K * d / max(1, n_other)
 
     def nbytes(self, choice: str) -> Tuple[int, int]:
         """(kept, transient) bytes per sample: the features a block keeps for ``choice``, and the raw A, G."""
@@ -551,7 +552,7 @@ class _Plan:
     """Per fast-path module "gram" or "mat" (decided once, from the probe block's shapes), the block size and
     whether every column block's features are kept (each block's forward then runs once)."""
 
-    def __init__(self, raws, C, fallback, strategy, kernel, budget, block_size, n1, n2, es):
+    def __init__(self, raws, C, fallback, strategy, kernel, mode, budget, block_size, n1, n2, es):
         self.choice = {}
         for m, raw in raws.items():
             if m == FALLBACK:
@@ -561,7 +562,7 @@ class _Plan:
             elif strategy in ("gram", "materialize"):
                 self.choice[m] = "gram" if strategy == "gram" else "mat"
             else:
-                g, mat = raw.costs()
+                g, mat = raw.costs(mode, min(n1, n2))
                 self.choice[m] = "gram" if g <= mat else "mat"
         p_rest = sum(p.numel() for _, p in fallback)
         rest = 2 * C * p_rest * es  # the fallback's Jacobian and torch.func's intermediate
@@ -723,7 +724,7 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
     raws, C = _block_raw(model, _slice(probe_x, 0, min(_batch(probe_x), 2)), layers, fallback, output_fn, ct,
                          check=True)
     budget = int(memory_budget) if memory_budget is not None else _free_memory(_device(inputs1))
-    plan = _Plan(raws, C, fallback, strategy, kernel, budget, block_size, n1, n2, torch.finfo(ct).bits // 8)
+    plan = _Plan(raws, C, fallback, strategy, kernel, mode, budget, block_size, n1, n2, torch.finfo(ct).bits // 8)
     del raws
     bs = plan.block_size
     rows = [(i, min(i + bs, n1)) for i in range(0, n1, bs)]

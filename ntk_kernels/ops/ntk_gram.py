@@ -63,25 +63,44 @@ def gram_contract_ref(a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, mode: str 
 
 
 def _reference_kernel(a1, g1, a2, g2, mode: str) -> Tensor:
-    """The reference backend: the same sum through H_{j,c'} = (A_i A_jᵀ) G_{j,c'} (no C x C x T x S product),
-    one row block of I at a time so its intermediate stays near the size of the inputs."""
+    """The reference backend, plain torch GEMMs, one row block of I at a time (intermediates near 64 MiB):
+      gg form  (G_{i,c} G_{j,c'}ᵀ) for all pairs in one GEMM, times A_i A_jᵀ, summed   C²·T·S·E a pair
+      h form   H_{j,c'} = (A_i A_jᵀ) G_{j,c'} (batched matmul), then ⟨G_{i,c}, H_{j,c'}⟩  C·T·S·E + C²·T·E
+    whichever costs less (the gg form counted at a quarter: one large GEMM against batched small ones);
+    T = S = 1 (MLP layers) is the gg form: (a_i·a_j)(g_{i,c}·g_{j,c'})."""
     ct = compute_dtype(g1.dtype)
     I, C, T, E = g1.shape
-    J = g2.shape[0]
+    J, S = g2.shape[0], g2.shape[2]
     out = torch.empty(out_shape(I, J, C, mode), dtype=ct, device=g1.device)
     G1, G2 = g1.to(ct), g2.to(ct)
-    per_row = max(1, J * T * g2.shape[2] + J * C * T * E)
-    step = max(1, (1 << 24) // per_row)
+    Cp = C if mode == "full" else 1  # output pairs (c, c') per c
+    gg = Cp * C * T * S * E
+    h = C * T * S * E + Cp * C * T * E
+    use_gg = gg <= 4 * h
+    per_row = J * T * S * (1 + (Cp * C if use_gg else 0)) + (0 if use_gg else J * C * T * E)
+    step = max(1, (1 << 24) // max(1, per_row))
     for i0 in range(0, I, step):
         i1 = min(I, i0 + step)
-        AA = token_gram_ref(a1[i0:i1], a2, ct)  # (i, J, T, S)
-        H = torch.einsum("ijts,jesk->ijetk", AA, G2)  # (i, J, C, T, E)
-        if mode == "full":
-            out[i0:i1] = torch.einsum("ictk,ijetk->ijce", G1[i0:i1], H)
-        elif mode == "diagonal":
-            out[i0:i1] = torch.einsum("ictk,ijctk->ijc", G1[i0:i1], H)
+        n = i1 - i0
+        AA = token_gram_ref(a1[i0:i1], a2, ct)  # (n, J, T, S)
+        if use_gg:
+            if mode == "full":  # (n, C, T) x (J, C, S) pairs in one GEMM
+                GG = (G1[i0:i1].reshape(-1, E) @ G2.reshape(-1, E).t()).view(n, C, T, J, C, S)
+                out[i0:i1] = torch.einsum("ijts,ictjes->ijce", AA, GG)
+            else:
+                GG = torch.stack([G1[i0:i1, c].reshape(-1, E) @ G2[:, c].reshape(-1, E).t() for c in range(C)])
+                GG = GG.view(C, n, T, J, S)
+                K = torch.einsum("ijts,citjs->ijc", AA, GG)
+                out[i0:i1] = K if mode == "diagonal" else K.sum(-1)
         else:
-            out[i0:i1] = torch.einsum("ictk,ijctk->ij", G1[i0:i1], H)
+            H = torch.matmul(AA.unsqueeze(2), G2.unsqueeze(0))  # (n, J, C, T, E)
+            Hf = H.reshape(n, J * C, T * E)
+            if mode == "full":
+                K = torch.bmm(G1[i0:i1].reshape(n, C, T * E), Hf.transpose(1, 2))  # (n, C, J*C)
+                out[i0:i1] = K.view(n, C, J, C).permute(0, 2, 1, 3)
+            else:
+                K = torch.einsum("ick,ijck->ijc", G1[i0:i1].reshape(n, C, T * E), Hf.view(n, J, C, T * E))
+                out[i0:i1] = K if mode == "diagonal" else K.sum(-1)
     return out
 
 
