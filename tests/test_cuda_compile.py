@@ -10,7 +10,7 @@ import torch
 
 import ntk_kernels
 from ntk_kernels import _backend, _ext
-from ntk_kernels.ops import linchain_ref
+from ntk_kernels.ops import gram_contract_ref, linchain_ref
 from ntk_kernels.ops.linchain import _fwd_reference
 from _compare import assert_close
 
@@ -19,8 +19,9 @@ CU_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 # the flags torch's CUDAExtension adds (no implicit half/bfloat16 conversions): the sources must build under them
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--use_fast_math"]
-LAUNCHERS = ["ntk::linchain_cuda::project(", "ntk::linchain_cuda::grad_x(", "ntk::linchain_cuda::grad_proj(",
-             "ntk::linchain_cuda::grad_proj_workspace("]
+LAUNCHERS = {"linchain_kernels.cu.o": ["ntk::linchain_cuda::project(", "ntk::linchain_cuda::grad_x(",
+                                        "ntk::linchain_cuda::grad_proj(", "ntk::linchain_cuda::grad_proj_workspace("],
+             "gram_kernels.cu.o": ["ntk::gram_cuda::gram_contract("]}
 
 
 def _nvcc():
@@ -30,7 +31,7 @@ def _nvcc():
 
 @pytest.mark.skipif(not _nvcc(), reason="nvcc not found (PATH, CUDA_HOME)")
 def test_launchers_compile_for_sm90(tmp_path):
-    """nvcc -std=c++17 -O3 -arch=sm_90 -c csrc/cuda/*.cu: about 40 s on 2 CPU cores."""
+    """nvcc -std=c++17 -O3 -arch=sm_90 -c csrc/cuda/*.cu: about 60 s on 2 CPU cores."""
     assert CU_SOURCES, "no csrc/cuda/*.cu"
     for src in CU_SOURCES:
         obj = tmp_path / (os.path.basename(src) + ".o")
@@ -40,20 +41,22 @@ def test_launchers_compile_for_sm90(tmp_path):
         assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
         assert "warning" not in res.stderr.lower(), res.stderr
     if shutil.which("nm"):
-        obj = tmp_path / "linchain_kernels.cu.o"
-        symbols = subprocess.run(["nm", "-C", "--defined-only", str(obj)], capture_output=True, text=True).stdout
-        missing = [s for s in LAUNCHERS if s not in symbols]
-        assert not missing, f"launchers not exported by {obj.name}: {missing}"
+        for name, launchers in LAUNCHERS.items():
+            obj = tmp_path / name
+            assert obj.exists(), f"{name}: no such csrc/cuda source was compiled"
+            symbols = subprocess.run(["nm", "-C", "--defined-only", str(obj)], capture_output=True, text=True).stdout
+            missing = [s for s in launchers if s not in symbols]
+            assert not missing, f"launchers not exported by {obj.name}: {missing}"
 
 
 # ---------------------------------------------------------------------------------------------- on a GPU
-def _require_cuda_backend(monkeypatch):
+def _require_cuda_backend(monkeypatch, op="linchain"):
     if not _ext.cuda_loaded():
         why = _ext.status()["_C_cuda"]["why"]
         if os.environ.get("NTK_KERNELS_SKIP_CUDA_BUILD") == "1":
             pytest.skip(f"CUDA extension not built (NTK_KERNELS_SKIP_CUDA_BUILD=1): {why}")
         pytest.fail(f"a GPU is present but ntk_kernels._C_cuda did not load: {why}")
-    monkeypatch.setenv("NTK_KERNELS_BACKEND_LINCHAIN", "cuda")
+    monkeypatch.setenv(f"NTK_KERNELS_BACKEND_{op.upper()}", "cuda")
 
 
 def _inputs(lead, d_in, d_out, r, k, bias=True, seed=0):
@@ -139,3 +142,72 @@ def test_cuda_backend_supported_on_gpu():
     if not _ext.cuda_loaded():
         pytest.skip(f"ntk_kernels._C_cuda not loaded: {_ext.status()['_C_cuda']['why']}")
     assert not _backend.not_supported_reasons("linchain", torch.device("cuda"), torch.bfloat16)["cuda"]
+
+
+# ------------------------------------------------------------------------------- gram_contract on a GPU
+def _gram_inputs(I, J, C, T, S, D, E, ids, seed, vocab=5):
+    g = torch.Generator().manual_seed(seed)
+    if ids:
+        a1, a2 = torch.randint(0, vocab, (I, T), generator=g), torch.randint(0, vocab, (J, S), generator=g)
+    else:
+        a1 = torch.randn(I, T, D, generator=g, dtype=torch.float64) * D ** -0.5
+        a2 = torch.randn(J, S, D, generator=g, dtype=torch.float64) * D ** -0.5
+    g1 = torch.randn(I, C, T, E, generator=g, dtype=torch.float64) * E ** -0.5
+    g2 = torch.randn(J, C, S, E, generator=g, dtype=torch.float64) * E ** -0.5
+    return [t.cuda() for t in (a1, g1, a2, g2)]
+
+
+def _cast_gram(inputs, dtype):
+    return [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+
+
+# (I, J, C, T, S, D, E): odd sizes, T != S, T = 1, S = 1, T = S = 1 (cuBLAS path), several t / s tiles and e
+# chunks, C across the reduction layouts (1, 2, 3, 8, 9), exact tiles, many pairs
+GPU_GRAM_SHAPES = [(2, 3, 3, 5, 7, 9, 11), (3, 2, 1, 1, 9, 17, 40), (2, 4, 2, 13, 1, 64, 70),
+                   (5, 3, 3, 1, 1, 33, 65), (3, 2, 9, 37, 70, 100, 130), (2, 2, 8, 32, 64, 32, 64),
+                   (40, 33, 2, 16, 20, 48, 96), (1, 1, 1, 200, 150, 300, 257)]
+
+
+@requires_gpu
+@pytest.mark.parametrize("shape", GPU_GRAM_SHAPES, ids=lambda s: "I{}-J{}-C{}-T{}-S{}-D{}-E{}".format(*s))
+@pytest.mark.parametrize("ids", [False, True], ids=["features", "ids"])
+@pytest.mark.parametrize("mode", ["full", "diagonal", "trace"])
+def test_cuda_gram_matches_reference_float64(monkeypatch, shape, ids, mode):
+    _require_cuda_backend(monkeypatch, "gram")
+    inputs = _gram_inputs(*shape, ids=ids, seed=sum(shape))
+    out = ntk_kernels.ops.gram_contract(*inputs, mode)
+    assert out.dtype == torch.float64 and out.is_cuda
+    assert_close(out, gram_contract_ref(*inputs, mode), torch.float64, name=mode)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ids", [False, True], ids=["features", "ids"])
+@pytest.mark.parametrize("mode", ["full", "diagonal", "trace"])
+def test_cuda_gram_low_precision(monkeypatch, dtype, ids, mode):
+    _require_cuda_backend(monkeypatch, "gram")
+    inputs = _gram_inputs(6, 5, 3, 24, 40, 96, 80, ids=ids, seed=3)
+    low = _cast_gram(inputs, dtype)
+    out = ntk_kernels.ops.gram_contract(*low, mode)
+    assert out.dtype == torch.float32
+    # the kernel's own error: fp32 accumulation of the rounded inputs
+    assert_close(out, gram_contract_ref(*_cast_gram(low, torch.float64), mode), torch.float32, name=mode)
+    if dtype != torch.float32:
+        assert_close(out, gram_contract_ref(*inputs, mode), dtype, gram_contract_ref(*low, mode), mode)
+
+
+@requires_gpu
+def test_cuda_gram_is_deterministic(monkeypatch):
+    """Every output element has one writer and a fixed order of additions: no atomics."""
+    _require_cuda_backend(monkeypatch, "gram")
+    inputs = _cast_gram(_gram_inputs(16, 16, 4, 40, 70, 128, 200, ids=False, seed=2), torch.float32)
+    for mode in ("full", "diagonal", "trace"):
+        assert torch.equal(ntk_kernels.ops.gram_contract(*inputs, mode), ntk_kernels.ops.gram_contract(*inputs, mode))
+
+
+@requires_gpu
+def test_cuda_gram_backend_supported_on_gpu():
+    if not _ext.cuda_loaded():
+        pytest.skip(f"ntk_kernels._C_cuda not loaded: {_ext.status()['_C_cuda']['why']}")
+    assert not _backend.not_supported_reasons("gram", torch.device("cuda"), torch.bfloat16)["cuda"]
+    assert _backend.choose("gram", torch.device("cuda"), torch.float32).backend == "cuda"

@@ -1,13 +1,15 @@
 """The CUDA backend's kernels and binding, run on the CPU by host emulation (no GPU, no CUDA build of torch).
 
-At test time the real csrc/cuda/linchain_kernels.cu and csrc/cuda/linchain_binding.cpp are rewritten
-mechanically into host C++ (launches -> emu::launch, __shared__ -> an emulated arena, CUDA stream / guard ->
-stubs, the ops registered for CPU tensors under torch.ops.ntk_cuda_emu so that a real ntk_cuda can coexist),
-built with torch.utils.cpp_extension.load into build/cuda_emu (ignored by git; rebuilt only when a source
-changes) and compared with the float64 reference of ntk::linchain.  tests/cuda_emu/emu.h says what the
-emulation checks (shared-memory races through a deterministic schedule, uninitialised shared reads, divergent
-barriers, shared-array bounds, vector-load alignment) and what it cannot (global-memory bounds, warp
-lockstep, device floating point, speed): tests/test_cuda_compile.py and a GPU run cover the rest.
+At test time the real csrc/cuda/{linchain,gram}_kernels.cu and csrc/cuda/{linchain,gram}_binding.cpp are
+rewritten mechanically into host C++ (launches -> emu::launch, __shared__ -> an emulated arena, CUDA stream /
+guard -> stubs, the ops registered for CPU tensors under torch.ops.ntk_cuda_emu so that a real ntk_cuda can
+coexist), built with torch.utils.cpp_extension.load into build/cuda_emu (ignored by git; rebuilt only when a
+source changes) and compared with the float64 references of ntk::linchain and ntk::gram_contract.
+tests/cuda_emu/emu.h says what the emulation checks (shared-memory races through a deterministic schedule,
+uninitialised shared reads, divergent barriers, shared-array bounds, vector-load alignment) and what it cannot
+(global-memory bounds, warp lockstep, device floating point, speed): tests/test_cuda_compile.py and a GPU run
+cover the rest.  The gram tests place every input between NaN (or token-id) guards, so that reads past an
+input's ends show up in the result.
 
 Skips, with the reason, only where the toolchain is missing (CUDA toolkit headers, a C++20 host compiler that
 takes the flags below, ninja, Python.h).  With the toolchain present, a failing build is a test failure.
@@ -27,14 +29,18 @@ import ntk_kernels
 from ntk_kernels import _backend
 from ntk_kernels.ops import dropout_keep_mask, linchain_ref
 from ntk_kernels.ops.linchain import NEEDS, CompiledKernels, _bwd_reference, _fwd_reference, compute_dtype
+from ntk_kernels.ops.ntk_gram import MODES, gram_contract_ref
 from _compare import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 COMMON_DIR = os.path.join(ROOT, "csrc", "common")
 EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
-KERNELS_SRC = os.path.join(CUDA_DIR, "linchain_kernels.cu")
-BINDING_SRC = os.path.join(CUDA_DIR, "linchain_binding.cpp")
+# (kernels, binding) of every CUDA op; linchain_binding.cpp defines the library (TORCH_LIBRARY), the others add
+# fragments (TORCH_LIBRARY_FRAGMENT)
+SOURCES = [(os.path.join(CUDA_DIR, "linchain_kernels.cu"), os.path.join(CUDA_DIR, "linchain_binding.cpp")),
+           (os.path.join(CUDA_DIR, "gram_kernels.cu"), os.path.join(CUDA_DIR, "gram_binding.cpp"))]
+OPS = ("linchain_fwd", "linchain_bwd", "gram_contract")  # what the emulated extension must register
 BUILD_DIR = os.path.join(ROOT, "build", "cuda_emu")  # build/ is in .gitignore
 EXT_NAME = "ntk_kernels_cuda_emulated"
 NS = "ntk_cuda_emu"
@@ -154,12 +160,14 @@ def rewrite_binding(src: str, path: str) -> str:
     out = out.replace("c10::cuda::getCurrentCUDAStream", "emu::getCurrentCUDAStream")
     out = out.replace(".is_cuda()", ".is_cpu()")
     out, n_def = re.subn(r"\bTORCH_LIBRARY\(\s*ntk_cuda\s*,", f"TORCH_LIBRARY({NS},", out)
+    out, n_frag = re.subn(r"\bTORCH_LIBRARY_FRAGMENT\(\s*ntk_cuda\s*,", f"TORCH_LIBRARY_FRAGMENT({NS},", out)
     out, n_impl = re.subn(r"\bTORCH_LIBRARY_IMPL\(\s*ntk_cuda\s*,\s*CUDA\s*,", f"TORCH_LIBRARY_IMPL({NS}, CPU,", out)
     left = sorted(set(re.findall(r"\b(?:c10|at)::cuda::\w+", out)))
-    if not included or n_def != 1 or n_impl != 1 or left:
+    left += re.findall(r"\bTORCH_LIBRARY\w*\(\s*ntk_cuda\s*,[^)]*\)", out)  # e.g. an IMPL for another key
+    if not included or n_def + n_frag != 1 or n_impl != 1 or left:
         raise RewriteError(f"{path}: the binding rewrite is out of date (CUDA includes replaced: {included}, "
-                           f"TORCH_LIBRARY: {n_def}, TORCH_LIBRARY_IMPL(ntk_cuda, CUDA): {n_impl}, "
-                           f"CUDA names left: {left})")
+                           f"TORCH_LIBRARY: {n_def}, TORCH_LIBRARY_FRAGMENT: {n_frag}, TORCH_LIBRARY_IMPL(ntk_cuda, "
+                           f"CUDA): {n_impl}, CUDA names left: {left})")
     return f'#line 1 "{path}"\n{out}'
 
 
@@ -249,16 +257,16 @@ def _build(tmp_dir: str) -> None:
     except OSError:  # a read-only checkout: build in pytest's temporary directory instead
         build_dir = tmp_dir
         os.makedirs(os.path.join(build_dir, "src"), exist_ok=True)
-    with open(KERNELS_SRC) as f:
-        kernels = rewrite_kernels(f.read(), KERNELS_SRC)
-    with open(BINDING_SRC) as f:
-        binding = rewrite_binding(f.read(), BINDING_SRC)
-    kernels_path = os.path.join(build_dir, "src", "linchain_kernels_emu.cpp")
-    binding_path = os.path.join(build_dir, "src", "linchain_binding_emu.cpp")
-    _write_if_changed(kernels_path, kernels)
-    _write_if_changed(binding_path, binding)
+    sources = []
+    for kernels_src, binding_src in SOURCES:
+        for src, rewrite in ((binding_src, rewrite_binding), (kernels_src, rewrite_kernels)):
+            with open(src) as f:
+                text = rewrite(f.read(), src)
+            path = os.path.join(build_dir, "src", os.path.splitext(os.path.basename(src))[0] + "_emu.cpp")
+            _write_if_changed(path, text)
+            sources.append(path)
     try:
-        cpp_extension.load(name=EXT_NAME, sources=[binding_path, kernels_path], extra_cflags=CXXFLAGS,
+        cpp_extension.load(name=EXT_NAME, sources=sources, extra_cflags=CXXFLAGS,
                            extra_include_paths=[EMU_DIR, CUDA_DIR, COMMON_DIR, _cuda_include()],
                            build_directory=build_dir, verbose=False)
     except Exception as e:  # noqa: BLE001  the toolchain is there, so this is the sources' fault
@@ -272,7 +280,7 @@ def emu(tmp_path_factory):
     problem = _toolchain_problem(tmp_dir)
     if problem is not None:
         pytest.skip(f"CUDA host emulation not built: {problem}")
-    if not hasattr(torch.ops, NS) or not hasattr(getattr(torch.ops, NS), "linchain_fwd"):
+    if not all(hasattr(getattr(torch.ops, NS), op) for op in OPS):
         _build(tmp_dir)
     return CompiledKernels(NS)
 
@@ -423,3 +431,141 @@ def test_binding_checks_inputs(emu):
         emu.forward(x, W, None, A, None, B.t().contiguous(), 1.0, 0.0, 0)
     with pytest.raises(RuntimeError, match="must be float16, bfloat16, float32 or float64"):
         emu.forward(x.int(), W.int(), None, A.int(), None, B.int(), 1.0, 0.0, 0)
+
+
+# ------------------------------------------------------------------------------------ ntk::gram_contract
+def _gram_inputs(I, J, C, T, S, D, E, ids, seed, vocab=4):
+    """float64 inputs; token ids from a small vocabulary (many repeats, within and across samples)."""
+    g = torch.Generator().manual_seed(seed)
+    if ids:
+        a1, a2 = torch.randint(0, vocab, (I, T), generator=g), torch.randint(0, vocab, (J, S), generator=g)
+    else:
+        a1 = torch.randn(I, T, D, generator=g, dtype=torch.float64) * max(D, 1) ** -0.5
+        a2 = torch.randn(J, S, D, generator=g, dtype=torch.float64) * max(D, 1) ** -0.5
+    g1 = torch.randn(I, C, T, E, generator=g, dtype=torch.float64) * max(E, 1) ** -0.5
+    g2 = torch.randn(J, C, S, E, generator=g, dtype=torch.float64) * max(E, 1) ** -0.5
+    return a1, g1, a2, g2
+
+
+def _guarded(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous view into a larger buffer filled with NaN (floats) or 0 (a frequent token id) on both
+    sides: the emulation cannot bounds-check global memory, but a read past either end of an input shows up as
+    a non-finite or wrong result."""
+    n = t.numel()
+    pad = n + 512
+    fill = float("nan") if t.is_floating_point() else 0
+    buf = torch.full((n + 2 * pad,), fill, dtype=t.dtype)
+    buf[pad:pad + n] = t.reshape(-1)
+    view = buf[pad:pad + n].view(t.shape)
+    assert view.is_contiguous() and (n == 0 or view.data_ptr() == buf.data_ptr() + pad * t.element_size())
+    return view
+
+
+def _emu_gram(a1, g1, a2, g2, mode: str):
+    return getattr(torch.ops, NS).gram_contract(a1, g1, a2, g2, MODES.index(mode))
+
+
+def check_gram(inputs, dtype, mode):
+    """The emulated kernel (or, for T = S = 1, the binding's GEMM path) on dtype inputs against
+    gram_contract_ref: in float64 on the same (rounded) inputs, to the accumulate dtype's floor (the kernels'
+    own error), and for fp16 / bf16 also against the unrounded inputs under assert_close's low-precision rule."""
+    a1, g1, a2, g2 = inputs
+    ids = not a1.is_floating_point()
+    cast = (lambda t: t) if ids else (lambda t: t.to(dtype))  # noqa: E731
+    x1, y1, x2, y2 = cast(a1), g1.to(dtype), cast(a2), g2.to(dtype)
+    out = _emu_gram(*(_guarded(t) for t in (x1, y1, x2, y2)), mode)
+    acc = compute_dtype(dtype)
+    assert out.dtype == acc
+    up = (lambda t: t) if ids else (lambda t: t.double())  # noqa: E731
+    ref = gram_contract_ref(up(x1), y1.double(), up(x2), y2.double(), mode)
+    assert_close(out, ref, acc, None, f"{mode}, {dtype} inputs rounded")
+    if dtype in (torch.float16, torch.bfloat16):
+        ref_lp = gram_contract_ref(x1, y1, x2, y2, mode)
+        assert_close(out, gram_contract_ref(a1, g1, a2, g2, mode), dtype, ref_lp, mode)
+
+
+# (I, J, C, T, S, D, E).  Tiles (fp32 / fp64): TT = 32 t rows, SS = 64 s columns, BE = 64 / 32 e columns,
+# BS = 16 s rows per G2 stage, BD = 32 / 16 d columns per A stage; C picks the reduction layout (1: 8 warps
+# per output, 2: 4, 3-4: 2, >= 5: one warp owns c, c + 8, ...).  T = S = 1 is the binding's GEMM path.
+GRAM_SHAPES = [
+    (2, 3, 3, 5, 7, 9, 11),      # odd, T != S, I != J, C = 3
+    (1, 2, 1, 1, 4, 3, 5),       # T = 1, C = 1
+    (2, 1, 2, 6, 1, 40, 33),     # S = 1, D over two A stages, E over two fp64 chunks, C = 2
+    (2, 1, 6, 37, 70, 20, 70),   # two t tiles (the second of 5 rows), two s tiles (of 64 and 6), E over chunks
+    (1, 2, 9, 3, 17, 1, 2),      # C = 9 (warp 0 owns c = 0 and 8), D = 1, an s stage of one row
+    (1, 1, 4, 32, 64, 32, 64),   # exact tiles
+    (1, 1, 1, 1, 1, 3, 7),       # T = S = 1 (GEMMs)
+    (3, 2, 3, 1, 1, 5, 4),       # T = S = 1, C = 3
+]
+
+
+def _shape_id(s):
+    return "I{}-J{}-C{}-T{}-S{}-D{}-E{}".format(*s)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ids", [False, True], ids=["features", "ids"])
+@pytest.mark.parametrize("shape", GRAM_SHAPES, ids=_shape_id)
+def test_gram_float64_matches_reference(emu, shape, ids, mode):
+    check_gram(_gram_inputs(*shape, ids=ids, seed=sum(shape)), torch.float64, mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ids", [False, True], ids=["features", "ids"])
+@pytest.mark.parametrize("shape", [(2, 3, 3, 5, 7, 9, 11), (1, 1, 6, 37, 70, 20, 70), (3, 2, 3, 1, 1, 5, 4)],
+                         ids=_shape_id)
+def test_gram_low_precision(emu, shape, ids, mode, dtype):
+    check_gram(_gram_inputs(*shape, ids=ids, seed=7), dtype, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gram_one_token_id(emu, mode):
+    """Every id equal (A_i A_jᵀ all ones) and every id distinct across samples (all zeros)."""
+    a1, g1, a2, g2 = _gram_inputs(2, 2, 2, 9, 5, 0, 6, ids=True, seed=3)
+    check_gram((torch.zeros_like(a1), g1, torch.zeros_like(a2), g2), torch.float64, mode)
+    out = _emu_gram(torch.zeros_like(a1), g1, torch.ones_like(a2), g2, mode)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 2, 3, 4, 5, 6), (2, 2, 0, 3, 4, 5, 6), (2, 2, 2, 0, 4, 5, 6),
+                                   (2, 2, 2, 3, 4, 5, 0), (2, 2, 2, 3, 4, 0, 6)], ids=_shape_id)
+@pytest.mark.parametrize("mode", MODES)
+def test_gram_empty_dims(emu, shape, mode):
+    """Empty outputs, and zero-length sums (T, E, D = 0: the output is zeros, written by the kernel)."""
+    check_gram(_gram_inputs(*shape, ids=False, seed=1), torch.float64, mode)
+
+
+def test_gram_contract_runs_the_emulated_backend(emu, monkeypatch):
+    """The whole op path (checks, int32 ids, non-contiguous inputs, custom op) with the CUDA backend's binding
+    and kernel forced in, against gram_contract_ref."""
+    monkeypatch.setitem(_backend._REGISTRY["gram"], "cuda", _backend.Kernel("cuda", _emu_gram, lambda d, t: []))
+    monkeypatch.setenv("NTK_KERNELS_BACKEND_GRAM", "cuda")
+    assert _backend.choose("gram", torch.device("cpu"), torch.float64).fn is _emu_gram
+    a1, g1, a2, g2 = _gram_inputs(3, 2, 2, 6, 4, 5, 7, ids=False, seed=11)
+    nc = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731  same values, not contiguous
+    for mode in MODES:
+        assert_close(ntk_kernels.ops.gram_contract(nc(a1), nc(g1), nc(a2), nc(g2), mode),
+                     gram_contract_ref(a1, g1, a2, g2, mode), torch.float64, name=mode)
+        ids1, ids2 = torch.randint(0, 3, (3, 6), dtype=torch.int32), torch.randint(0, 3, (2, 4), dtype=torch.int32)
+        assert_close(ntk_kernels.ops.gram_contract(ids1, g1, ids2, g2, mode),
+                     gram_contract_ref(ids1.long(), g1, ids2.long(), g2, mode), torch.float64, name=f"{mode} ids")
+
+
+def test_gram_binding_checks_inputs(emu):
+    a1, g1, a2, g2 = _gram_inputs(2, 3, 2, 4, 5, 6, 7, ids=False, seed=0)
+    op = getattr(torch.ops, NS).gram_contract
+    with pytest.raises(RuntimeError, match="mode must be 0"):
+        op(a1, g1, a2, g2, 3)
+    with pytest.raises(RuntimeError, match="must share one dtype"):
+        op(a1, g1, a2, g2.float(), 0)
+    with pytest.raises(RuntimeError, match="must be float16, bfloat16, float32 or float64"):
+        op(a1.int(), g1.int(), a2.int(), g2.int(), 0)
+    with pytest.raises(RuntimeError, match="with g1's C"):
+        op(a1, g1, a2, g2[:, :1].contiguous(), 0)
+    with pytest.raises(RuntimeError, match="leading dims"):
+        op(a1[:, :3].contiguous(), g1, a2, g2, 0)
+    with pytest.raises(RuntimeError, match="one D"):
+        op(a1, g1, a2[..., :2].contiguous(), g2, 0)
+    with pytest.raises(RuntimeError, match="both be token ids"):
+        op(torch.zeros(2, 4, dtype=torch.long), g1, a2, g2, 0)

@@ -1,4 +1,4 @@
-// Host emulation of the CUDA subset used by csrc/cuda/linchain_kernels.cu, so that the real kernels can run on
+// Host emulation of the CUDA subset used by csrc/cuda/*.cu (linchain, gram), so that the real kernels can run on
 // a machine with no GPU (tests/test_cuda_emulated.py).  That test rewrites the real source mechanically:
 //   kernel<<<grid, block, smem, stream>>>(args)   ->  ::emu::launch("kernel", grid, block, smem, stream, kernel, args)
 //   __shared__ __align__(n) T name[d1][d2];       ->  EMU_SHARED(name, n, [d1][d2], T);
