@@ -322,9 +322,9 @@ class _NoFastPath(Exception):
     matrix reused through F.linear), or it is a norm not of the form w ⊙ u(x) + b, so the hooks do not give
     its gradient: its parameters move to the torch.func fallback."""
 
-    def __init__(self, module):
-        super().__init__(type(module).__name__)
-        self.module = module
+    def __init__(self, modules):
+        super().__init__(", ".join(type(m).__name__ for m in modules))
+        self.modules = list(modules)
 
 
 def _split_params(model: nn.Module, chosen, exclude=()) -> Tuple[Dict[nn.Module, Tuple[bool, bool]], list]:
@@ -461,29 +461,32 @@ def _raw_features(model, x, n, layers, fallback, output_fn, ct, check):
     used = [m for m in layers if sites.calls[m]]
     if not f.requires_grad or not (used or fallback):
         raise ValueError("params: the model's output does not depend on the selected parameters")
-    zs = []
-    for m in used:
-        for args, _, z in sites.calls[m]:
-            if not isinstance(z, Tensor) or z.shape[0] != n or not args or args[0].shape[0] != n:
-                raise _NoFastPath(m)
-            zs.append(z)
+    unbatched = [m for m in used for args, _, z in sites.calls[m]
+                 if not isinstance(z, Tensor) or z.shape[0] != n or not args or args[0].shape[0] != n]
+    if unbatched:
+        raise _NoFastPath(dict.fromkeys(unbatched))
+    zs = [z for m in used for _, _, z in sites.calls[m]]
     raws: Dict = {}
-    if not used:
-        return raws, C
-    cot = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
     actual: Dict[nn.Module, List[Optional[Tensor]]] = {}
     if check:  # one random combination r of the outputs: ∂(Σ_i r_i·f(x_i))/∂θ, 1/C of the batched cost
         gen = torch.Generator(device=f.device).manual_seed(0)
         r = torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
         owned = [(m, p) for m in used
                  for p, sel in zip((m.weight, getattr(m, "bias", None)), layers[m]) if sel]
-        pg = torch.autograd.grad(f, [p for _, p in owned], r, retain_graph=True, allow_unused=True)
+        pg = torch.autograd.grad(f, [p for _, p in owned] + [p for _, p in fallback], r, retain_graph=True,
+                                 allow_unused=True)
+        if all(g is None for g in pg):  # no selected parameter is on the output's graph
+            raise ValueError("params: the model's output does not depend on the selected parameters")
         for (m, p), g in zip(owned, pg):
             actual.setdefault(m, []).append(torch.zeros_like(p) if g is None else g)
+    if not used:
+        return raws, C
+    cot = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
     grads = torch.autograd.grad(f, zs, cot, is_grads_batched=True, allow_unused=True)
     if all(g is None for g in grads) and not fallback:
         raise ValueError("params: the model's output does not depend on the selected parameters")
     k = 0
+    failed = []
     for m in used:
         kind = _fast_kind(m)
         As, Gs = [], []
@@ -493,7 +496,7 @@ def _raw_features(model, x, n, layers, fallback, output_fn, ct, check):
             a = args[0].detach()
             if kind == "conv2d":
                 if a.ndim != 4:
-                    raise _NoFastPath(m)
+                    raise _NoFastPath([m])
                 As.append(F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2))
                 Gs.append(g.reshape(C, n, g.shape[2], -1).permute(1, 0, 3, 2))
                 continue
@@ -513,20 +516,23 @@ def _raw_features(model, x, n, layers, fallback, output_fn, ct, check):
             A = A.to(ct)
         raw = _Raw(m, kind, A, G, *layers[m])
         if check and not _check_hooks(raw, r, actual[m], f.dtype):
-            raise _NoFastPath(m)
+            failed.append(m)
         raws[m] = raw
+    if failed:
+        raise _NoFastPath(failed)
     return raws, C
 
 
 def _check_hooks(raw: _Raw, r: Tensor, actual: List[Tensor], dtype) -> bool:
     """Σ_i Σ_c r_{i,c} ∂f_c(x_i)/∂θ rebuilt from the hooked features (the block's samples merged into one
     sequence of n·T positions, one combined output) against autograd's ``actual``; False where they differ
-    beyond rounding, i.e. by more than 10·sqrt(eps) times the same sums taken over |A|, |G|."""
+    beyond rounding, i.e. by more than 10·sqrt(eps) times the same sums taken over |A|, |G| (eps of float32 at
+    least: models often compute parts of a float64 graph in float32, e.g. transformers' RMSNorm and softmax)."""
     n, C, T, d = raw.G.shape
     Gr = torch.einsum("ictk,ic->itk", raw.G, r.to(raw.G.dtype)).reshape(1, 1, n * T, d)
     A1 = raw.A.reshape(1, n * T, *raw.A.shape[2:])
     absA = A1 if raw.kind == "embedding" else A1.abs()
-    tol = 10 * torch.finfo(dtype).eps ** 0.5
+    tol = 10 * max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps) ** 0.5
     for got, bound, g in zip(raw.grads(A1, Gr), raw.grads(absA, Gr.abs()), actual):
         if ((got[0, 0] - g.to(got.dtype)).abs() > tol * bound[0, 0] + torch.finfo(dtype).tiny).any():
             return False
@@ -645,7 +651,7 @@ def _with_fallback_retry(model, chosen, run):
         try:
             return run(layers, fallback)
         except _NoFastPath as e:
-            excluded.add(e.module)
+            excluded.update(e.modules)
 
 
 def empirical_ntk(model: nn.Module, inputs1: Inputs, inputs2: Optional[Inputs] = None, *,
