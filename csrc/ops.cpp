@@ -9,6 +9,8 @@ TORCH_LIBRARY(ntk_cpu, m) {
         "float scaling, float dropout_p, int seed) -> (Tensor, Tensor)");
   m.def("linchain_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor? chain, Tensor lora_B, "
         "Tensor u, float scaling, float dropout_p, int seed, bool[] needs) -> Tensor[]");
+  // mode: 0 full, 1 diagonal, 2 trace (ntk_kernels/ops/ntk_gram.py MODES)
+  m.def("gram_contract(Tensor a1, Tensor g1, Tensor a2, Tensor g2, int mode) -> Tensor");
 }
 
 // Importing ntk_kernels._C runs the registrations above; the module itself exposes nothing.

@@ -8,30 +8,26 @@ For an nn.Linear z = A Wᵀ + b used at T positions (A_i (T, d_in), output gradi
   gram         ⟨∂f_{i,c}/∂W, ∂f_{j,c'}/∂W⟩ = Σ_{t,s} (A_i A_jᵀ)_{ts} (G_{i,c} G_{j,c'}ᵀ)_{ts}   T²(d_in+d_out) a pair
   materialize  the per-sample gradients G_{i,c}ᵀ A_i (d_out·d_in) and their dot products           d_in·d_out a pair
 
-(the bias always as ⟨Σ_t G_{i,c,t}, Σ_s G_{j,c',s}⟩); strategy="auto" picks the cheaper per layer.  transformers'
-Conv1D (GPT-2, weight (d_in, d_out), y = x W + b) is the same map transposed: the same features give the same
-dot products.  An nn.Embedding is a Linear on one-hot rows: A_i A_jᵀ becomes the token-equality mask
-1[id_t = id'_s] (padding positions masked out), or the per-sample gradient is a scatter-add of G over the ids.
+(the bias always as ⟨Σ_t G_{i,c,t}, Σ_s G_{j,c',s}⟩); strategy="auto" picks the cheaper per layer and mode, and
+switches materialised layers to the Gram trick when their gradients would not fit the memory budget.  The Gram
+contraction is the op ``ntk_kernels.ops.gram_contract`` (C++ CPU, Triton, CUDA kernels; never forms the T x S
+products).  transformers' Conv1D (GPT-2, weight (d_in, d_out), y = x W + b) is the same map transposed.  An
+nn.Conv2d (groups 1, zero padding) is a Linear on its unfolded patches (T = H_out·W_out, d_in = C_in·kh·kw).  An
+nn.Embedding is a Linear on one-hot rows: A_i A_jᵀ becomes the token-equality mask 1[id_t = id'_s] (padding
+positions masked out), or the per-sample gradient is a scatter-add of G over the ids.  A norm layer
+y = w ⊙ u(x) + b (LayerNorm, RMSNorm) has per-sample gradients Σ_t G_t ⊙ u_t (and Σ_t G_t), u(x) taken as the
+module's own output with w = 1, b = 0.
 
-One forward per block of samples, with forward hooks keeping each fast-path module's input A and output z;
-the gradients of all C outputs with respect to every z come from one ``torch.autograd.grad(...,
-is_grads_batched=True)`` over the C one-hot cotangents.  Every other selected parameter (LayerNorm, Conv2d,
-a weight tied across modules, a fast-path module called on a tensor not batched on dim 0, ...) gets the exact
-fallback: its per-sample Jacobian (n, C, P_rest) from torch.func (vmap of jacrev over the block's samples,
-or a loop over them where vmap fails on data-dependent control flow), contracted into the same tile.  The
-parameters are split, never counted twice.  A row block's features are computed once and reused across its
-column blocks; inputs2=None computes the upper-triangle tiles only and mirrors them.  Inputs are a Tensor
-(the model's argument) or a mapping of tensors (its keyword arguments, e.g. input_ids, attention_mask).
-
-What this covers of issue 3, and what comes later:
-  here   exact eNTK of any model: fast paths for nn.Linear / Conv1D weights and biases (any leading dims, a
-         module used several times sums its uses) and nn.Embedding weights, the torch.func fallback for the
-         rest; Tensor or mapping inputs; modes full / trace / diagonal; kernel "sgd"; strategies auto / gram /
-         materialize / jacobian (the torch.func reference ``empirical_ntk_reference``); plain PyTorch only.
-  later  fast paths for LayerNorm / RMSNorm and Conv2d (they take the fallback now), the sign kernels
-         "signgd" / "asymmetric_signgd", ``per_sample_grads``, ``memory_budget`` and a default block size that
-         fits free memory, ``progress``, the registered ops (``ntk_kernels.ops``) with C++ / Triton / CUDA
-         kernels for the Gram contractions, benchmarks of the new paths.
+One forward per block of samples, with forward hooks keeping each fast-path module's input and output z; the
+gradients of all C outputs with respect to every z come from one ``torch.autograd.grad(..., is_grads_batched=True)``
+over the C one-hot cotangents.  Every other selected parameter (a weight tied across modules, a grouped
+convolution, a fast-path module called on a tensor not batched on dim 0, ...) gets the exact fallback: its
+per-sample Jacobian (n, C, P_rest) from torch.func (vmap of jacrev over the block's samples, or a loop over them
+where vmap fails on data-dependent control flow), contracted into the same tile.  The parameters are split, never
+counted twice.  A probe block of two samples checks the hooks' gradients against autograd's and sizes the plan.
+A row block's features are computed once and reused across its column blocks (every column block's features are
+kept when they fit the budget); inputs2=None computes the upper-triangle tiles only and mirrors them.  The sign
+kernels ("signgd", "asymmetric_signgd") materialise the per-sample gradients block by block.
 """
 from __future__ import annotations
 
