@@ -2,10 +2,10 @@
 from . import ops
 from ._build_info import build_info
 from .ops.linchain import linchain_linear
-from .ntk import empirical_ntk, per_sample_grads
+from .ntk import empirical_ntk, linearize, ntk_eigs, ntk_vp, per_sample_grads
 
 __version__ = "0.1.0"
-__all__ = ["linchain_linear", "empirical_ntk", "per_sample_grads", "build_info", "ops", "nn", "integrations", "__version__"]
+__all__ = ["linchain_linear", "empirical_ntk", "per_sample_grads", "linearize", "ntk_vp", "ntk_eigs", "build_info", "ops", "nn", "integrations", "__version__"]
 
 
 def __getattr__(name):  # nn and integrations import lazily (integrations.peft needs peft)
