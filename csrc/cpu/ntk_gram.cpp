@@ -42,6 +42,7 @@ enum class Path { kAuto, kOuter, kPairwise, kMaterialize };
 constexpr int64_t kScratchBytes = 4 << 20;  // pairwise: scratch per thread
 constexpr int64_t kChunkBytes = 8 << 20;    // materialize: chunk of per-sample gradients
 constexpr int64_t kRBytes = 64 << 20;       // materialize: the threads' partial results together
+constexpr double kMinParallelWork = 1 << 21;  // parallel loops: at least ~2M multiply-adds
 
 Path forced_path() {
   const char* s = std::getenv("NTK_KERNELS_GRAM_CPU_PATH");
@@ -56,9 +57,11 @@ Path forced_path() {
 // their ATen GEMMs single-threaded (MKL inside an OpenMP region).  at::parallel_for is compiled into the
 // caller and, with torch's OpenMP backend, runs serially unless the caller is built with -fopenmp; without
 // it, ATen's own compiled parallel_for is borrowed through TensorIterator::for_each over the task ids.
+// work: multiply-adds (or similar) in all the tasks; below kMinParallelWork they run on the caller, as the
+// wake-up of a thread team costs more than they do.
 template <typename F>
-void parallel_tasks(int64_t ntasks, int64_t grain, const F& f) {
-  if (ntasks <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+void parallel_tasks(int64_t ntasks, int64_t grain, double work, const F& f) {
+  if (ntasks <= grain || work < kMinParallelWork || at::get_num_threads() == 1 || at::in_parallel_region()) {
     if (ntasks > 0) f(0, ntasks);
     return;
   }
@@ -280,21 +283,44 @@ bool same_tensor(const Tensor& x, const Tensor& y) {
 // ---------------------------------------------------------------------------------------------------------
 // outer: T = S = 1.  A (N, 1, D), G (N, C, 1, E), compute dtype, contiguous.
 // ---------------------------------------------------------------------------------------------------------
+template <typename scalar_t>
 void outer_path(const Tensor& A1, const Tensor& G1, const Tensor& A2, const Tensor& G2, int64_t mode, Tensor& out) {
   const int64_t I = G1.size(0), C = G1.size(1), E = G1.size(3), J = G2.size(0), D = A1.size(2);
   const Tensor AA = at::mm(A1.view({I, D}), A2.view({J, D}).t());  // (I, J)
+  const scalar_t* ap = AA.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
   if (mode == kTrace) {
     at::mul_out(out, AA, at::mm(G1.view({I, C * E}), G2.view({J, C * E}).t()));
-  } else if (mode == kDiagonal) {
+    return;
+  }
+  // GG: (I·C, J·C) for full, (C, I, J) for diagonal; then out = AA ⊙ GG in one pass over the output
+  Tensor GG;
+  if (mode == kDiagonal) {
+    GG = at::empty({C, I, J}, G1.options());
     const Tensor g1 = G1.view({I, C, E}), g2 = G2.view({J, C, E});
     for (int64_t c = 0; c < C; ++c) {
-      Tensor o = out.select(2, c);
-      at::mul_out(o, AA, at::mm(g1.select(1, c), g2.select(1, c).t()));
+      Tensor r = GG[c];
+      at::mm_out(r, g1.select(1, c), g2.select(1, c).t());
     }
   } else {
-    const Tensor GG = at::mm(G1.view({I * C, E}), G2.view({J * C, E}).t());  // (I·C, J·C)
-    at::mul_out(out, GG.view({I, C, J, C}).permute({0, 2, 1, 3}), AA.view({I, J, 1, 1}));
+    GG = at::mm(G1.view({I * C, E}), G2.view({J * C, E}).t());
   }
+  const scalar_t* gp = GG.data_ptr<scalar_t>();
+  parallel_tasks(I, 1, static_cast<double>(I) * J * C * C, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t j = 0; j < J; ++j) {
+        const scalar_t a = ap[i * J + j];
+        if (mode == kDiagonal) {
+          for (int64_t c = 0; c < C; ++c) op[(i * J + j) * C + c] = a * gp[(c * I + i) * J + j];
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* g = gp + (i * C + c) * J * C + j * C;
+            scalar_t* o = op + ((i * J + j) * C + c) * C;
+            for (int64_t d = 0; d < C; ++d) o[d] = a * g[d];
+          }
+        }
+      }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -327,8 +353,8 @@ PairPlan plan_blocks(int64_t I, int64_t J, int64_t T, int64_t rows, int64_t row_
 }
 
 template <typename F>
-void run_tasks(int64_t ntasks, const F& f) {
-  parallel_tasks(ntasks, 1, f);  // one task runs on the caller: its GEMMs may use every thread
+void run_tasks(int64_t ntasks, double work, const F& f) {
+  parallel_tasks(ntasks, 1, work, f);  // run on the caller, GEMMs may use every thread
 }
 
 // full: A1 (I, T, D), G1 (I, C, T, E), A2 (J, S, D), G2p (J, S, C, E).
@@ -338,6 +364,7 @@ void pairwise_full(const Tensor& A1, const Tensor& G1, const Tensor& A2, const T
   const int64_t C = G1.size(1), E = G1.size(3), TCE = T * C * E;
   const int64_t budget = kScratchBytes / static_cast<int64_t>(sizeof(scalar_t));
   const PairPlan p = plan_blocks(I, J, T, 512, TCE, kCacheElems, T * S, budget - kCacheElems);
+  const double work = static_cast<double>(I) * J * T * (S * D + C * S * E + C * C * E);
   const int64_t nJ = (J + p.m - 1) / p.m, ntasks = ((I + p.n - 1) / p.n) * nJ;
   const Tensor A1f = A1.view({I * T, D}), A2f = A2.view({J * S, D});
   const scalar_t* g1p = G1.data_ptr<scalar_t>();
@@ -349,7 +376,7 @@ void pairwise_full(const Tensor& A1, const Tensor& G1, const Tensor& A2, const T
     const PairPlan q = plan_blocks(I, J, T, 256, 1, budget, T * S, budget);
     const int64_t qJ = (J + q.m - 1) / q.m, qtasks = ((I + q.n - 1) / q.n) * qJ;
     const scalar_t* g2p = G2p.data_ptr<scalar_t>();
-    run_tasks(qtasks, [&](int64_t t0, int64_t t1) {
+    run_tasks(qtasks, work, [&](int64_t t0, int64_t t1) {
       Tensor AA_buf = at::empty({q.n * T * q.m * S}, A1.options());
       std::vector<scalar_t> acc(C * C * 64 / sizeof(scalar_t));
       for (int64_t task = t0; task < t1; ++task) {
@@ -367,7 +394,7 @@ void pairwise_full(const Tensor& A1, const Tensor& G1, const Tensor& A2, const T
     return;
   }
 #endif
-  run_tasks(ntasks, [&](int64_t t0, int64_t t1) {
+  run_tasks(ntasks, work, [&](int64_t t0, int64_t t1) {
     Tensor AA_buf = at::empty({p.n * T * p.m * S}, A1.options());
     Tensor H_buf = at::empty({p.n * TCE}, A1.options());
     for (int64_t task = t0; task < t1; ++task) {
@@ -415,13 +442,14 @@ void pairwise_full(const Tensor& A1, const Tensor& G1, const Tensor& A2, const T
 template <typename scalar_t>
 void pairwise_dots(const Tensor& A1, const Tensor& G1c, const Tensor& A2, const Tensor& G2c, Tensor& out) {
   const int64_t I = A1.size(0), T = A1.size(1), D = A1.size(2), J = A2.size(0), S = A2.size(1);
-  const int64_t Cp = G1c.size(0);
+  const int64_t Cp = G1c.size(0), K = G1c.size(2);
   const int64_t budget = kScratchBytes / static_cast<int64_t>(sizeof(scalar_t));
+  const double work = static_cast<double>(I) * J * T * S * (D + Cp * K);
   const PairPlan p = plan_blocks(I, J, T, 256, T, budget, 2 * T * S, budget);
   const int64_t nJ = (J + p.m - 1) / p.m, ntasks = ((I + p.n - 1) / p.n) * nJ;
   const Tensor A1f = A1.view({I * T, D}), A2f = A2.view({J * S, D});
   scalar_t* op = out.data_ptr<scalar_t>();
-  run_tasks(ntasks, [&](int64_t t0, int64_t t1) {
+  run_tasks(ntasks, work, [&](int64_t t0, int64_t t1) {
     Tensor AA_buf = at::empty({p.n * T * p.m * S}, A1.options());
     Tensor GG_buf = at::empty({p.n * T * p.m * S}, A1.options());
     for (int64_t task = t0; task < t1; ++task) {
@@ -494,7 +522,7 @@ void form_chunk(const Tensor& A, const Tensor& G, int64_t e0, int64_t w, Tensor&
     }
   };
   if (parallel && N * C >= 2 * at::get_num_threads())
-    parallel_tasks(N * C, 1, run);
+    parallel_tasks(N * C, 1, static_cast<double>(N) * C * w * G.size(2) * A.size(2), run);
   else
     run(0, N * C);
 }
@@ -535,7 +563,7 @@ void materialize_path(const Tensor& A1, const Tensor& G1, const Tensor& A2, cons
   if (nthr == 1) {
     body(0);  // GEMMs and forming threaded inside
   } else {
-    parallel_tasks(nthr, 1, [&](int64_t b, int64_t e) {
+    parallel_tasks(nthr, 1, plan.cost, [&](int64_t b, int64_t e) {
       for (int64_t tid = b; tid < e; ++tid) body(tid);
     });
   }
@@ -563,7 +591,7 @@ Buckets bucket(const Tensor& ids, const Tensor& G) {
   const int64_t N = G.size(0), C = G.size(1), T = G.size(2), E = G.size(3);
   const int64_t* ip = ids.data_ptr<int64_t>();
   std::vector<int64_t> order(N * T), count(N);
-  parallel_tasks(N, 16, [&](int64_t b, int64_t e) {
+  parallel_tasks(N, 16, static_cast<double>(N) * T * C * E, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       int64_t* o = order.data() + n * T;
       const int64_t* x = ip + n * T;
@@ -581,7 +609,7 @@ Buckets bucket(const Tensor& ids, const Tensor& G) {
   bk.P = at::zeros({bk.off[N], C, E}, G.options());
   scalar_t* pp = bk.P.data_ptr<scalar_t>();
   const scalar_t* gp = G.data_ptr<scalar_t>();
-  parallel_tasks(N, 16, [&](int64_t b, int64_t e) {
+  parallel_tasks(N, 16, static_cast<double>(N) * T * C * E, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       const int64_t* o = order.data() + n * T;
       const int64_t* x = ip + n * T;
@@ -625,13 +653,22 @@ void tokens_path(const Tensor& ids1, const Tensor& G1, const Tensor& ids2, const
   const scalar_t* p2 = b2.P.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t CE = C * E;
-  // row i: each of its unique ids, looked up in the postings, meets every (j, row) that holds it
-  parallel_tasks(I, 1, [&](int64_t b, int64_t e) {
+  // each unique id of side 1 looked up in the postings (key index or -1); the matches set the work
+  const int64_t n1 = b1.off[I];
+  std::vector<int64_t> key1(n1);
+  double matches = 0;
+  for (int64_t r1 = 0; r1 < n1; ++r1) {
+    const auto it = std::lower_bound(keys.begin(), keys.end(), b1.ids[r1]);
+    key1[r1] = (it == keys.end() || *it != b1.ids[r1]) ? -1 : it - keys.begin();
+    if (key1[r1] >= 0) matches += static_cast<double>(start[key1[r1] + 1] - start[key1[r1]]);
+  }
+  const double work = matches * (mode == kFull ? C * CE : CE);
+  // row i: each of its unique ids meets every (j, row) of side 2 that holds it
+  parallel_tasks(I, 1, work, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       for (int64_t r1 = b1.off[i]; r1 < b1.off[i + 1]; ++r1) {
-        const auto it = std::lower_bound(keys.begin(), keys.end(), b1.ids[r1]);
-        if (it == keys.end() || *it != b1.ids[r1]) continue;
-        const int64_t k = it - keys.begin();
+        const int64_t k = key1[r1];
+        if (k < 0) continue;
         const scalar_t* x = p1 + r1 * CE;
         for (int64_t q = start[k]; q < start[k + 1]; ++q) {
           const int64_t r2 = order[q], pr = i * J + sample2[r2];
@@ -731,7 +768,7 @@ Tensor gram_contract(const Tensor& a1, const Tensor& g1, const Tensor& a2, const
       path = plan.cost < pw ? Path::kMaterialize : Path::kPairwise;
   }
   if (path == Path::kOuter) {
-    outer_path(A1, G1, A2, G2, mode, out);
+    AT_DISPATCH_FLOATING_TYPES(ct, "gram_contract_outer", [&] { outer_path<scalar_t>(A1, G1, A2, G2, mode, out); });
   } else if (path == Path::kMaterialize) {
     materialize_path(A1, G1, A2, G2, mode, sym, plan, out);
   } else {
