@@ -25,8 +25,11 @@ def _extensions():
     common = [os.path.join(ROOT, "csrc", "common")]
     if os.environ.get("NTK_KERNELS_SKIP_CPU_BUILD") != "1":
         cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+        # -fopenmp: at::parallel_for in the extension's own code runs on torch's OpenMP threads (without it,
+        # single-threaded); torch's CPU wheels link libgomp.
+        omp = [] if sys.platform == "darwin" else ["-fopenmp"]
         exts.append(CppExtension("ntk_kernels._C", ["csrc/ops.cpp"] + cpu_sources, include_dirs=common,
-                                 extra_compile_args={"cxx": ["-O3", "-std=c++17"]}))
+                                 extra_compile_args={"cxx": ["-O3", "-std=c++17"] + omp}, extra_link_args=omp))
     want_cuda = os.environ.get("NTK_KERNELS_SKIP_CUDA_BUILD") != "1"
     if want_cuda and CUDA_HOME is not None and torch.version.cuda is not None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("NTK_KERNELS_CUDA_ARCH", "9.0"))
