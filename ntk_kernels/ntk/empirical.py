@@ -522,15 +522,19 @@ def _raw_features(model, x, n, layers, fallback, output_fn, ct, check):
 def _check_hooks(raw: _Raw, r: Tensor, actual: List[Tensor], dtype) -> bool:
     """Σ_i Σ_c r_{i,c} ∂f_c(x_i)/∂θ rebuilt from the hooked features (the block's samples merged into one
     sequence of n·T positions, one combined output) against autograd's ``actual``; False where they differ
-    beyond rounding, i.e. by more than 10·sqrt(eps) times the same sums taken over |A|, |G| (eps of float32 at
-    least: models often compute parts of a float64 graph in float32, e.g. transformers' RMSNorm and softmax)."""
+    beyond rounding, i.e. by more than 10·sqrt(eps) times the largest of the same sums taken over |A|, |G|
+    (eps of float32 at least: models often compute parts of a float64 graph in float32, e.g. transformers'
+    RMSNorm and softmax)."""
     n, C, T, d = raw.G.shape
     Gr = torch.einsum("ictk,ic->itk", raw.G, r.to(raw.G.dtype)).reshape(1, 1, n * T, d)
     A1 = raw.A.reshape(1, n * T, *raw.A.shape[2:])
     absA = A1 if raw.kind == "embedding" else A1.abs()
     tol = 10 * max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps) ** 0.5
     for got, bound, g in zip(raw.grads(A1, Gr), raw.grads(absA, Gr.abs()), actual):
-        if ((got[0, 0] - g.to(got.dtype)).abs() > tol * bound[0, 0] + torch.finfo(dtype).tiny).any():
+        # against the largest bound of the whole parameter, not element by element: G itself carries the
+        # batched and the plain backward's rounding, which on a small element of a cancelling sum (an embedding
+        # row of a deep residual stream) is large relative to that element; a use outside the module is not
+        if (got[0, 0] - g.to(got.dtype)).abs().max() > tol * bound[0, 0].max() + torch.finfo(dtype).tiny:
             return False
     return True
 
