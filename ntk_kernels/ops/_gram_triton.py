@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ._triton_common import DTYPES as _DTYPES, triton_reasons
 from .ntk_gram import ID_DTYPES, MODES, out_shape
 
 try:
@@ -415,27 +416,9 @@ def gram_contract_triton(a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, mode: s
     return buf.sum(0) if partial else buf
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _triton_reasons(device: torch.device, dtype: torch.dtype) -> List[str]:
     """Why the Triton backend cannot run on (device, dtype); empty when it can."""
-    r = []
-    if triton is None:
-        r.append(f"triton is not importable ({_IMPORT_ERROR})")
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            r.append("Triton runs on cpu tensors only under TRITON_INTERPRET=1")
-        elif triton is not None and not _interpreted():
-            r.append("TRITON_INTERPRET=1 was set after ntk_kernels was imported (triton.jit reads it at import)")
-    elif device.type != "cuda":
-        r.append(f"Triton kernels run on cuda (or cpu under TRITON_INTERPRET=1), not {device.type}")
-    if dtype == torch.float64:
-        r.append("float64: the op computes fp64 inputs in fp64, these kernels accumulate in fp32 "
-                 "(use the reference, cpu or cuda backend)")
-    elif dtype not in _DTYPES:
-        r.append(f"dtype {dtype} is not one of float16, bfloat16, float32")
-    return r
+    return triton_reasons(device, dtype, _IMPORT_ERROR if triton is None else None, _interpreted)
 
 
 _backend.register("gram", "triton", gram_contract_triton, _triton_reasons)

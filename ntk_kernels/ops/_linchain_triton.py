@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ._triton_common import triton_reasons
 from . import _hash_dropout
 
 try:
@@ -417,27 +418,9 @@ class _TritonKernels:
     backward = staticmethod(_bwd_triton)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _triton_reasons(device: torch.device, dtype: torch.dtype) -> List[str]:
     """Why the Triton backend cannot run on (device, dtype); empty when it can."""
-    r = []
-    if triton is None:
-        r.append(f"triton is not importable ({_IMPORT_ERROR})")
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            r.append("Triton runs on cpu tensors only under TRITON_INTERPRET=1")
-        elif triton is not None and not _interpreted():
-            r.append("TRITON_INTERPRET=1 was set after ntk_kernels was imported (triton.jit reads it at import)")
-    elif device.type != "cuda":
-        r.append(f"Triton kernels run on cuda (or cpu under TRITON_INTERPRET=1), not {device.type}")
-    if dtype == torch.float64:
-        r.append("float64: the op computes fp64 inputs in fp64, these kernels accumulate in fp32 "
-                 "(use the reference, cpu or cuda backend)")
-    elif dtype not in _DTYPES:
-        r.append(f"dtype {dtype} is not one of float16, bfloat16, float32")
-    return r
+    return triton_reasons(device, dtype, _IMPORT_ERROR if triton is None else None, _interpreted)
 
 
 _backend.register("linchain", "triton", _TritonKernels, _triton_reasons)

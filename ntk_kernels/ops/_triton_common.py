@@ -1,0 +1,32 @@
+"""What every Triton backend of this package shares: why it cannot run on a (device, dtype)."""
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional
+
+import torch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_reasons(device: torch.device, dtype: torch.dtype, import_error: Optional[str],
+                   interpreted: Callable[[], bool]) -> List[str]:
+    """Why a Triton backend cannot run on (device, dtype); empty when it can.  ``import_error``: None when triton
+    imported; ``interpreted()``: whether the module's kernels were built by the interpreter (TRITON_INTERPRET=1
+    at import: triton.jit reads it then).  The kernels accumulate in fp32, so fp64 goes to another backend."""
+    r = []
+    if import_error is not None:
+        r.append(f"triton is not importable ({import_error})")
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            r.append("Triton runs on cpu tensors only under TRITON_INTERPRET=1")
+        elif import_error is None and not interpreted():
+            r.append("TRITON_INTERPRET=1 was set after ntk_kernels was imported (triton.jit reads it at import)")
+    elif device.type != "cuda":
+        r.append(f"Triton kernels run on cuda (or cpu under TRITON_INTERPRET=1), not {device.type}")
+    if dtype == torch.float64:
+        r.append("float64: the op computes fp64 inputs in fp64, these kernels accumulate in fp32 "
+                 "(use the reference, cpu or cuda backend)")
+    elif dtype not in DTYPES:
+        r.append(f"dtype {dtype} is not one of float16, bfloat16, float32")
+    return r
