@@ -294,10 +294,11 @@ def _fast_kind(m: nn.Module) -> Optional[str]:
 class _Sites:
     """Forward hooks on the fast-path modules keeping every call's arguments and output z."""
 
-    def __init__(self, layers: Dict[nn.Module, Tuple[bool, bool]]):
+    def __init__(self, layers: Dict[nn.Module, Tuple[bool, bool]], n: int = 1, expand: bool = False):
         self.layers = layers  # module -> (weight selected, bias selected)
         self.calls: Dict[nn.Module, List[tuple]] = {m: [] for m in layers}
         self.handles = []
+        self.n, self.expand, self.expanded = n, expand, set()
 
     def __enter__(self):
         for m in self.layers:
@@ -305,6 +306,16 @@ class _Sites:
         return self
 
     def _hook(self, module, args, kwargs, output):
+        if (self.expand and self.n > 1 and isinstance(module, nn.Embedding) and isinstance(output, Tensor)
+                and args and isinstance(args[0], Tensor) and args[0].ndim >= 1 and args[0].shape[0] == 1):
+            # an embedding on ids shared by the block (BERT's / GPT-2's position ids, (1, T)): its output is
+            # broadcast over the samples downstream; expanded to (n, ...) here, the same values flow on and the
+            # gradient with respect to it is per sample (checked on the probe block: outputs and gradients)
+            output = output.expand(self.n, *output.shape[1:])
+            args = (args[0].expand(self.n, *args[0].shape[1:]),) + tuple(args[1:])
+            self.expanded.add(module)
+            self.calls[module].append((args, kwargs, output))
+            return output
         self.calls[module].append((args, kwargs, output))
 
     def __exit__(self, *exc):
@@ -417,7 +428,12 @@ class _Raw:
         return C * P * es, raw
 
 
-def _block_raw(model, x, layers, fallback, output_fn, ct, check=False):
+class _NoExpand(Exception):
+    """Expanding a shared-ids embedding's output over the block changed the model's outputs or broke its
+    forward: the run starts again without expansion (those embeddings then take the fallback)."""
+
+
+def _block_raw(model, x, layers, fallback, output_fn, ct, check=False, expand=True):
     """One forward and one batched backward over block x: {module: _Raw} for the fast-path modules, the
     fallback's per-sample Jacobian (n, C, P_rest) under FALLBACK (torch.func), and C.
 
@@ -432,7 +448,7 @@ def _block_raw(model, x, layers, fallback, output_fn, ct, check=False):
         for p in params:  # a selected frozen parameter still needs a graph through its layer
             p.requires_grad_(True)
         with torch.enable_grad():
-            raws, C = _raw_features(model, x, n, layers, fallback, output_fn, ct, check)
+            raws, C = _raw_features(model, x, n, layers, fallback, output_fn, ct, check, expand)
     finally:
         for p, r in zip(params, saved):
             p.requires_grad_(r)
@@ -450,9 +466,20 @@ def _norm_u(m: nn.Module, args, kwargs) -> Tensor:
         return torch.func.functional_call(m, state, args, kwargs)
 
 
-def _raw_features(model, x, n, layers, fallback, output_fn, ct, check):
-    with _Sites(layers) as sites:
-        f = _outputs(_call(model, x), output_fn, n)
+def _raw_features(model, x, n, layers, fallback, output_fn, ct, check, expand=True):
+    with _Sites(layers, n, expand) as sites:
+        try:
+            f = _outputs(_call(model, x), output_fn, n)
+        except Exception:
+            if sites.expanded:
+                raise _NoExpand()
+            raise
+    if check and sites.expanded:  # the expanded forward must give the model's own outputs
+        with torch.no_grad():
+            plain = _outputs(_call(model, x), output_fn, n)
+        tol = 10 * max(torch.finfo(f.dtype).eps, torch.finfo(torch.float32).eps) ** 0.5
+        if plain.shape != f.shape or ((plain - f).abs().max() > tol * max(1.0, plain.abs().max().item())):
+            raise _NoExpand()
     C = f.shape[1]
     used = [m for m in layers if sites.calls[m]]
     if not f.requires_grad or not (used or fallback):
@@ -475,6 +502,8 @@ def _raw_features(model, x, n, layers, fallback, output_fn, ct, check):
             raise ValueError("params: the model's output does not depend on the selected parameters")
         for (m, p), g in zip(owned, pg):
             actual.setdefault(m, []).append(torch.zeros_like(p) if g is None else g)
+        if sites.expanded:
+            r_last, actual_last = _last_sample_grads(f, r, sites.expanded, layers)
     if not used:
         return raws, C
     cot = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
@@ -516,7 +545,27 @@ def _raw_features(model, x, n, layers, fallback, output_fn, ct, check):
         raws[m] = raw
     if failed:
         raise _NoFastPath(failed)
+    if check and sites.expanded:
+        for m in sites.expanded:
+            raw = raws[m]
+            last = _Raw(m, raw.kind, raw.A[-1:], raw.G[-1:], raw.w_sel, raw.b_sel)
+            if not _check_hooks(last, r_last[-1:], actual_last[m], f.dtype):
+                raise _NoExpand()
     return raws, C
+
+
+def _last_sample_grads(f, r, expanded, layers):
+    """For the expanded embeddings: autograd's gradient of the last sample's r_n·f(x_n) alone.  An expanded
+    embedding's gradient must be attributed to the right samples (code indexing its (1, T, d) output, e.g.
+    ``pos(ids)[0]``, would send every sample's gradient to sample 0 and still pass the summed check)."""
+    r_last = torch.zeros_like(r)
+    r_last[-1] = r[-1]
+    owned = [(m, p) for m in expanded for p, sel in zip((m.weight, getattr(m, "bias", None)), layers[m]) if sel]
+    pg = torch.autograd.grad(f, [p for _, p in owned], r_last, retain_graph=True, allow_unused=True)
+    actual: Dict[nn.Module, List[Tensor]] = {}
+    for (m, p), g in zip(owned, pg):
+        actual.setdefault(m, []).append(torch.zeros_like(p) if g is None else g)
+    return r_last, actual
 
 
 def _check_hooks(raw: _Raw, r: Tensor, actual: List[Tensor], dtype) -> bool:
@@ -643,13 +692,17 @@ def _check_budget(memory_budget, progress):
 
 
 def _with_fallback_retry(model, chosen, run):
-    """run(layers, fallback) with the fast-path split; a module found unsuited (_NoFastPath, on the probe
-    block) moves to the torch.func fallback and the run starts again."""
+    """run(layers, fallback, expand) with the fast-path split; a module found unsuited (_NoFastPath, on the probe
+    block) moves to the torch.func fallback and the run starts again, as it does without expansion of
+    shared-ids embeddings (_NoExpand)."""
     excluded = set()
+    expand = True
     while True:
         layers, fallback = _split_params(model, chosen, excluded)
         try:
-            return run(layers, fallback)
+            return run(layers, fallback, expand)
+        except _NoExpand:
+            expand = False
         except _NoFastPath as e:
             excluded.update(e.modules)
 
@@ -701,9 +754,9 @@ def empirical_ntk(model: nn.Module, inputs1: Inputs, inputs2: Optional[Inputs] =
         return empirical_ntk_reference(model, inputs1, inputs2, params=params, mode=mode, kernel=kernel,
                                        output_fn=output_fn, dtype=dtype)
     chosen = select_params(model, params)
-    return _with_fallback_retry(model, chosen, lambda layers, fallback: _assemble(
+    return _with_fallback_retry(model, chosen, lambda layers, fallback, expand: _assemble(
         model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn, block_size, memory_budget, strategy,
-        dtype, progress))
+        dtype, progress, expand))
 
 
 def _progress_fn(progress):
@@ -720,7 +773,7 @@ def _progress_fn(progress):
 
 
 def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn, block_size, memory_budget,
-              strategy, dtype, progress):
+              strategy, dtype, progress, expand=True):
     ct = _compute_dtype(dtype)
     symmetric = inputs2 is None and kernel != "asymmetric_signgd"
     x2 = inputs1 if inputs2 is None else inputs2
@@ -728,7 +781,7 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
     # a probe block (two samples) checks the hooks and gives the layers' shapes for the plan
     probe_x = inputs1 if n1 >= 2 or n2 < 2 else x2
     raws, C = _block_raw(model, _slice(probe_x, 0, min(_batch(probe_x), 2)), layers, fallback, output_fn, ct,
-                         check=True)
+                         check=True, expand=expand)
     budget = int(memory_budget) if memory_budget is not None else _free_memory(_device(inputs1))
     plan = _Plan(raws, C, fallback, strategy, kernel, mode, budget, block_size, n1, n2, torch.finfo(ct).bits // 8)
     del raws
@@ -742,7 +795,7 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
     def features(x, i0, i1, key=None):
         if key is not None and key in cache:
             return cache[key]
-        raws, c = _block_raw(model, _slice(x, i0, i1), layers, fallback, output_fn, ct)
+        raws, c = _block_raw(model, _slice(x, i0, i1), layers, fallback, output_fn, ct, expand=expand)
         if c != C:
             raise ValueError(f"output_fn gives {C} outputs on inputs1 but {c} on inputs2")
         f = _finalize(raws, plan, kernel)
@@ -792,11 +845,12 @@ def per_sample_grads(model: nn.Module, inputs: Inputs, *, params: ParamsSpec = N
     ct = _compute_dtype(dtype)
     n, bs = _batch(inputs), block_size or 64
 
-    def run(layers, fallback):
+    def run(layers, fallback, expand):
         out: Dict[str, List[Tensor]] = {name: [] for name, _ in chosen}
         for b, i0 in enumerate(range(0, n, bs)):
             i1 = min(n, i0 + bs)
-            raws, C = _block_raw(model, _slice(inputs, i0, i1), layers, fallback, output_fn, ct, check=b == 0)
+            raws, C = _block_raw(model, _slice(inputs, i0, i1), layers, fallback, output_fn, ct, check=b == 0,
+                                 expand=expand)
             for m, raw in raws.items():
                 if m == FALLBACK:
                     k = 0

@@ -177,3 +177,46 @@ def test_progress_true_writes_to_stderr(capsys):
     model = ln_mlp()
     empirical_ntk(model, data(4, (6,)), block_size=2, progress=True, dtype=F64)
     assert "3/3 tiles" in capsys.readouterr().err  # the upper triangle of 2 x 2 blocks
+
+
+class SharedIds(nn.Module):
+    """Position embeddings on ids shared by the batch, (1, T), used two ways: broadcast (the expansion keeps them
+    on the fast path) or indexed ``[0]`` (expansion would send every sample's gradient to sample 0: the probe's
+    per-sample check must refuse it and the torch.func fallback must take them)."""
+
+    def __init__(self, indexed):
+        super().__init__()
+        torch.manual_seed(6)
+        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 2)
+        self.indexed = indexed
+
+    def forward(self, ids):
+        p = self.pos(torch.arange(ids.shape[1])[None])
+        h = self.tok(ids) + (p[0] if self.indexed else p)
+        return self.head(torch.tanh(h)).mean(1)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_shared_ids_embedding_expansion(indexed):
+    from ntk_kernels.ntk import empirical as E
+
+    model = SharedIds(indexed).double().eval()
+    ids1 = torch.randint(0, 9, (5, 6), generator=torch.Generator().manual_seed(0))
+    ids2 = torch.randint(0, 9, (3, 6), generator=torch.Generator().manual_seed(1))
+    refused = []
+    orig = E._Plan.__init__
+
+    def spy(self, raws, *a, **k):
+        refused.append(model.pos not in raws)
+        orig(self, raws, *a, **k)
+    E._Plan.__init__ = spy
+    try:
+        for mode, b in itertools.product(MODES, (None, ids2)):
+            out = empirical_ntk(model, ids1, b, mode=mode, block_size=2, dtype=F64)
+            assert_close(out, oracle(model, ids1, b, mode=mode), F64, name=f"shared ids indexed={indexed} {mode}")
+    finally:
+        E._Plan.__init__ = orig
+    assert all(r == indexed for r in refused)  # fast path when broadcast, fallback when indexed
+    got = per_sample_grads(model, ids1, block_size=2, dtype=F64)
+    for name, ref in _psg_oracle(model, ids1).items():
+        assert_close(got[name], ref, F64, name=f"per_sample_grads {name}")
