@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import List, Optional
 
 import torch
@@ -53,24 +52,10 @@ from .. import _backend
 from ._triton_common import DTYPES as _DTYPES, triton_reasons
 from .ntk_gram import ID_DTYPES, MODES, out_shape
 
-try:
-    import triton
-    import triton.language as tl
-    _IMPORT_ERROR = None
-except Exception as e:  # ImportError, or a broken install (no driver, wrong torch)
-    triton = tl = None
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
-
-
-def _jit(**kwargs):
-    """triton.jit when triton imports, else a no-op, so this module imports without triton."""
-    return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
-
+from ._triton_common import IMPORT_ERROR as _IMPORT_ERROR, jit as _jit, tl, triton
 
 if triton is not None:
-    # The interpreter's tl.dot multiplies bf16 bit patterns (stored as uint16; triton-lang/triton#11584),
-    # so interpreted bf16 dots run on exact fp32 copies.  Read at import, as triton.jit reads it.
-    _UPCAST_BF16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+    from ._triton_common import UPCAST_BF16_DOT as _UPCAST_BF16_DOT  # noqa: F401  read by the kernels
 
 _MODE_ID = {"full": 0, "diagonal": 1, "trace": 2}
 

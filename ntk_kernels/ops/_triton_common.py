@@ -1,10 +1,30 @@
-"""What every Triton backend of this package shares: why it cannot run on a (device, dtype)."""
+"""What every Triton backend of this package shares: the guarded import (the modules import without triton), the
+interpreter's bf16-dot workaround flag, and why a backend cannot run on a (device, dtype)."""
 from __future__ import annotations
 
 import os
 from typing import Callable, List, Optional
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+    IMPORT_ERROR = None
+except Exception as e:  # ImportError, or a broken install (no driver, wrong torch)
+    triton = tl = None
+    IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def jit(**kwargs):
+    """triton.jit when triton imports, else a no-op, so this module imports without triton."""
+    return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
+
+
+if triton is not None:
+    # The interpreter's tl.dot multiplies bf16 bit patterns (stored as uint16; triton-lang/triton#11584),
+    # so interpreted bf16 dots run on exact fp32 copies.  Read at import, as triton.jit reads it.
+    UPCAST_BF16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
