@@ -56,6 +56,7 @@ from ._triton_common import IMPORT_ERROR as _IMPORT_ERROR, jit as _jit, tl, trit
 
 if triton is not None:
     from ._triton_common import UPCAST_BF16_DOT as _UPCAST_BF16_DOT  # noqa: F401  read by the kernels
+    from ._triton_common import dot as _dot
 
 _MODE_ID = {"full": 0, "diagonal": 1, "trace": 2}
 
@@ -63,14 +64,6 @@ _MODE_ID = {"full": 0, "diagonal": 1, "trace": 2}
 # ----------------------------------------------------------------------------------------------
 # Device functions.
 # ----------------------------------------------------------------------------------------------
-@_jit()
-def _dot(a, b, acc, PREC: tl.constexpr):
-    """acc + a b with fp32 accumulation; a, b share a dtype (PREC picks tf32 / ieee for fp32 inputs)."""
-    if _UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PREC)
-
-
 @_jit()
 def _rows_cols_dot(x_ptr, y_ptr, x_rows, y_cols, x_ok, y_ok, K, sxk, syk, acc,
                    PREC: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -38,6 +38,7 @@ from ._triton_common import IMPORT_ERROR as _IMPORT_ERROR, jit as _jit, tl, trit
 
 if triton is not None:
     from ._triton_common import UPCAST_BF16_DOT as _UPCAST_BF16_DOT  # noqa: F401  read by the kernels
+    from ._triton_common import dot as _dot
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,14 +70,6 @@ def _hash_uint32(seed, rows, cols):
 def _keep(seed, threshold, rows, cols):
     """Dropout keep mask: H(seed, rows, cols) >= T, T the int32 bit pattern of the uint32 threshold."""
     return _hash_uint32(seed, rows, cols) >= tl.cast(threshold, tl.uint32, bitcast=True)
-
-
-@_jit()
-def _dot(a, b, acc, PREC: tl.constexpr):
-    """acc + a b with fp32 accumulation; a, b share a dtype (PREC picks tf32 / ieee for fp32 inputs)."""
-    if _UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @_jit()

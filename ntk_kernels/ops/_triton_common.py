@@ -26,6 +26,15 @@ if triton is not None:
     # so interpreted bf16 dots run on exact fp32 copies.  Read at import, as triton.jit reads it.
     UPCAST_BF16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
+if triton is not None:
+    @jit()
+    def dot(a, b, acc, PREC: tl.constexpr):
+        """acc + a b with fp32 accumulation; a, b share a dtype (PREC picks tf32 / ieee for fp32 inputs)."""
+        if UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
