@@ -55,7 +55,6 @@ from .ntk_gram import ID_DTYPES, MODES, out_shape
 from ._triton_common import IMPORT_ERROR as _IMPORT_ERROR, jit as _jit, tl, triton
 
 if triton is not None:
-    from ._triton_common import UPCAST_BF16_DOT as _UPCAST_BF16_DOT  # noqa: F401  read by the kernels
     from ._triton_common import dot as _dot
 
 _MODE_ID = {"full": 0, "diagonal": 1, "trace": 2}

@@ -37,7 +37,6 @@ from . import _hash_dropout
 from ._triton_common import IMPORT_ERROR as _IMPORT_ERROR, jit as _jit, tl, triton
 
 if triton is not None:
-    from ._triton_common import UPCAST_BF16_DOT as _UPCAST_BF16_DOT  # noqa: F401  read by the kernels
     from ._triton_common import dot as _dot
 
 
