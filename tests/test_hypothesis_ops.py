@@ -9,7 +9,7 @@ it dispatches to here, against an independent float64 reference, values and grad
   layer_norm_jvp    torch.func.jvp of F.layer_norm / F.rms_norm (values); gradients: autograd through the
                     closed-form tangent written here, itself checked against torch.func.jvp
   empirical_ntk     empirical_ntk_reference (torch.func jacrev + vmap) on a tiny random MLP, every mode / strategy
-  per_sample_jvp    torch.func.jvp per sample (where the package has per_sample_jvp)
+  per_sample_jvp    torch.func.jvp per sample
 Tolerances: tests/_compare.py (for fp32 / bf16 the error may be twice that of the reference run in that dtype plus
 a floor).  Tensor values come from a torch generator seeded by a drawn integer: hypothesis explores shapes,
 layouts and options, and ``derandomize=True`` makes every run draw the same examples.
@@ -465,9 +465,7 @@ def test_empirical_ntk_matches_reference(c):
 @SETTINGS
 @given(mlp_case(), st.booleans())
 def test_per_sample_jvp_matches_torch_func(c, per_sample):
-    fn = getattr(ntk_kernels, "per_sample_jvp", None)
-    if fn is None:
-        pytest.skip("ntk_kernels.per_sample_jvp is not in this build")
+    fn = ntk_kernels.per_sample_jvp
     model = tiny_mlp(c)
     g = torch.Generator().manual_seed(c["seed"] + 2)
     N = c["N1"]
