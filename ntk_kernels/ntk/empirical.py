@@ -184,6 +184,27 @@ def _contract(X: Tensor, Y: Tensor, mode: str) -> Tensor:
     return torch.einsum("icp,jcp->ij", X, Y)
 
 
+def _contract_sym(X: Tensor, mode: str) -> Tensor:
+    """_contract(X, X, mode) from the blocks on and above the diagonal of a q x q split of the samples (q = 4:
+    10 of 16 GEMM blocks), the rest mirrored."""
+    n = X.shape[0]
+    q = 4 if n >= 32 else 2 if n >= 8 else 1
+    if q == 1:
+        return _contract(X, X, mode)
+    cuts = [n * k // q for k in range(q + 1)]
+    C = X.shape[1]
+    out = _empty_kernel(n, n, C, mode, X.dtype, X.device)
+    for a in range(q):
+        a0, a1 = cuts[a], cuts[a + 1]
+        for b in range(a, q):
+            b0, b1 = cuts[b], cuts[b + 1]
+            t = _contract(X[a0:a1], X[b0:b1], mode)
+            out[a0:a1, b0:b1] = t
+            if b != a:
+                out[b0:b1, a0:a1] = _mirror(t, mode)
+    return out
+
+
 def _mirror(tile: Tensor, mode: str) -> Tensor:
     """K(x_j, x_i) from K(x_i, x_j): swap the samples (and the outputs in full mode)."""
     return tile.permute(1, 0, 3, 2) if mode == "full" else tile.transpose(0, 1)
@@ -725,7 +746,10 @@ def _tile(f1, f2, mode, kernel):
         if b is None:  # the layer was not reached by this block (cannot happen for same-shaped inputs)
             continue
         if a[0] == "mat":
-            tile = tile + _contract(a[1], b[1].sign() if kernel == "asymmetric_signgd" else b[1], mode)
+            if a is b and kernel != "asymmetric_signgd":  # a diagonal tile: K_ij = K_ji, half the products
+                tile = tile + _contract_sym(a[1], mode)
+            else:
+                tile = tile + _contract(a[1], b[1].sign() if kernel == "asymmetric_signgd" else b[1], mode)
             continue
         _, A1, G1, S1 = a
         _, A2, G2, S2 = b
