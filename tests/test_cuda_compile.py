@@ -21,7 +21,8 @@ TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSION
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--use_fast_math"]
 LAUNCHERS = {"linchain_kernels.cu.o": ["ntk::linchain_cuda::project(", "ntk::linchain_cuda::grad_x(",
                                         "ntk::linchain_cuda::grad_proj(", "ntk::linchain_cuda::grad_proj_workspace("],
-             "gram_kernels.cu.o": ["ntk::gram_cuda::gram_contract("]}
+             "gram_kernels.cu.o": ["ntk::gram_cuda::gram_contract("],
+             "jvp_kernels.cu.o": ["ntk::jvp_cuda::linear_jvp(", "ntk::jvp_cuda::layer_norm_jvp("]}
 
 
 def _nvcc():
@@ -211,3 +212,71 @@ def test_cuda_gram_backend_supported_on_gpu():
         pytest.skip(f"ntk_kernels._C_cuda not loaded: {_ext.status()['_C_cuda']['why']}")
     assert not _backend.not_supported_reasons("gram", torch.device("cuda"), torch.bfloat16)["cuda"]
     assert _backend.choose("gram", torch.device("cuda"), torch.float32).backend == "cuda"
+
+
+# ------------------------------------------------------------------------- linear_jvp, layer_norm_jvp on a GPU
+def _jvp_linear_inputs(N, L, K, O, wd, bd, transposed, seed):
+    """float64 x, W, b, ẋ, Ẇ, ḃ on the GPU; wd / bd None, "shared" or "sample"; transposed: Conv1D's Wᵀ view."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * max(K, 1) ** -0.5  # noqa: E731
+    W = rnd(K, O).t() if transposed else rnd(O, K)
+    wdot = {None: None, "shared": rnd(O, K), "sample": rnd(N, O, K)}[wd]
+    bdot = {None: None, "shared": rnd(O), "sample": rnd(N, O)}[bd]
+    x, xd = torch.randn(N, L, K, generator=g, dtype=torch.float64), torch.randn(N, L, K, generator=g, dtype=torch.float64)
+    return [None if t is None else t.cuda() for t in (x, W, rnd(O), xd, wdot, bdot)]
+
+
+def _jvp_norm_inputs(N, L, D, rms, wd, bd, seed):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    vec = lambda kind: {None: None, "shared": rnd(D), "sample": rnd(N, D)}[kind]  # noqa: E731
+    t = [rnd(N, L, D) * 2 + 0.5, rnd(D), None if rms else rnd(D), 1e-5, rnd(N, L, D), vec(wd), None if rms else vec(bd),
+         rms]
+    return [a.cuda() if isinstance(a, torch.Tensor) else a for a in t]
+
+
+def _jvp_check(fn, ref_fn, inputs, dtype, name):
+    from ntk_kernels.ops import jvp as J  # noqa: F401  (registers the ops)
+    t = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in inputs]
+    out = fn(*t)
+    ref = ref_fn(*[a.double() if isinstance(a, torch.Tensor) else a for a in t])
+    low = ref_fn(*t) if dtype in (torch.float16, torch.bfloat16) else (None, None)
+    for o, r, lo, what in zip(out, ref, low, ("y", "y_dot")):
+        assert o.dtype == dtype and o.is_cuda
+        assert_close(o, r, dtype, lo, f"{name} {what} ({dtype})")
+
+
+# (N, L, d_in, d_out): odd, several tiles of both kernels (64 x 64 SIMT, 64 x 128 wmma), L = 1, many samples
+GPU_LINEAR_JVP_SHAPES = [(3, 37, 130, 67), (2, 200, 64, 257), (70, 1, 300, 100), (1, 3, 1, 5)]
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", GPU_LINEAR_JVP_SHAPES, ids=lambda s: "N{}-L{}-din{}-dout{}".format(*s))
+@pytest.mark.parametrize("wd,bd,transposed", [("shared", "shared", False), ("sample", "sample", True),
+                                              (None, None, True)])
+def test_cuda_linear_jvp_matches_reference(monkeypatch, dtype, shape, wd, bd, transposed):
+    from ntk_kernels.ops import jvp as J
+    _require_cuda_backend(monkeypatch, "linear_jvp")
+    _jvp_check(J.linear_jvp, J.linear_jvp_ref, _jvp_linear_inputs(*shape, wd, bd, transposed, sum(shape)), dtype,
+               "linear_jvp")
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 37, 130), (2, 5, 4096), (1, 3, 10000), (4, 1, 1)],
+                         ids=lambda s: "N{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("rms,wd,bd", [(False, "shared", "shared"), (False, "sample", "sample"), (True, "sample", None)])
+def test_cuda_layer_norm_jvp_matches_reference(monkeypatch, dtype, shape, rms, wd, bd):
+    from ntk_kernels.ops import jvp as J
+    _require_cuda_backend(monkeypatch, "layer_norm_jvp")
+    _jvp_check(J.layer_norm_jvp, J.layer_norm_jvp_ref, _jvp_norm_inputs(*shape, rms, wd, bd, sum(shape)), dtype,
+               "layer_norm_jvp")
+
+
+@requires_gpu
+def test_cuda_jvp_backends_supported_on_gpu():
+    if not _ext.cuda_loaded():
+        pytest.skip(f"ntk_kernels._C_cuda not loaded: {_ext.status()['_C_cuda']['why']}")
+    for op in ("linear_jvp", "layer_norm_jvp"):
+        assert not _backend.not_supported_reasons(op, torch.device("cuda"), torch.bfloat16)["cuda"]

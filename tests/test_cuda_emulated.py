@@ -1,15 +1,16 @@
 """The CUDA backend's kernels and binding, run on the CPU by host emulation (no GPU, no CUDA build of torch).
 
-At test time the real csrc/cuda/{linchain,gram}_kernels.cu and csrc/cuda/{linchain,gram}_binding.cpp are
+At test time the real csrc/cuda/{linchain,gram,jvp}_kernels.cu and csrc/cuda/{linchain,gram,jvp}_binding.cpp are
 rewritten mechanically into host C++ (launches -> emu::launch, __shared__ -> an emulated arena, CUDA stream /
 guard -> stubs, the ops registered for CPU tensors under torch.ops.ntk_cuda_emu so that a real ntk_cuda can
 coexist), built with torch.utils.cpp_extension.load into build/cuda_emu (ignored by git; rebuilt only when a
-source changes) and compared with the float64 references of ntk::linchain and ntk::gram_contract.
+source changes) and compared with the float64 references of ntk::linchain, ntk::gram_contract, ntk::linear_jvp
+and ntk::layer_norm_jvp.
 tests/cuda_emu/emu.h says what the emulation checks (shared-memory races through a deterministic schedule,
 uninitialised shared reads, divergent barriers, shared-array bounds, vector-load alignment) and what it cannot
 (global-memory bounds, warp lockstep, device floating point, speed): tests/test_cuda_compile.py and a GPU run
-cover the rest.  The gram tests place every input between NaN (or token-id) guards, so that reads past an
-input's ends show up in the result.
+cover the rest.  The gram and jvp tests place every input between NaN (or token-id) guards, so that reads past
+an input's ends show up in the result.
 
 Skips, with the reason, only where the toolchain is missing (CUDA toolkit headers, a C++20 host compiler that
 takes the flags below, ninja, Python.h).  With the toolchain present, a failing build is a test failure.
@@ -29,6 +30,7 @@ import ntk_kernels
 from ntk_kernels import _backend
 from ntk_kernels.ops import dropout_keep_mask, linchain_ref
 from ntk_kernels.ops.linchain import NEEDS, CompiledKernels, _bwd_reference, _fwd_reference, compute_dtype
+from ntk_kernels.ops import jvp as J
 from ntk_kernels.ops.ntk_gram import MODES, gram_contract_ref
 from _compare import assert_close
 
@@ -39,8 +41,9 @@ EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
 # (kernels, binding) of every CUDA op; linchain_binding.cpp defines the library (TORCH_LIBRARY), the others add
 # fragments (TORCH_LIBRARY_FRAGMENT)
 SOURCES = [(os.path.join(CUDA_DIR, "linchain_kernels.cu"), os.path.join(CUDA_DIR, "linchain_binding.cpp")),
-           (os.path.join(CUDA_DIR, "gram_kernels.cu"), os.path.join(CUDA_DIR, "gram_binding.cpp"))]
-OPS = ("linchain_fwd", "linchain_bwd", "gram_contract")  # what the emulated extension must register
+           (os.path.join(CUDA_DIR, "gram_kernels.cu"), os.path.join(CUDA_DIR, "gram_binding.cpp")),
+           (os.path.join(CUDA_DIR, "jvp_kernels.cu"), os.path.join(CUDA_DIR, "jvp_binding.cpp"))]
+OPS = ("linchain_fwd", "linchain_bwd", "gram_contract", "linear_jvp", "layer_norm_jvp")  # what the emulated extension must register
 BUILD_DIR = os.path.join(ROOT, "build", "cuda_emu")  # build/ is in .gitignore
 EXT_NAME = "ntk_kernels_cuda_emulated"
 NS = "ntk_cuda_emu"
@@ -569,3 +572,169 @@ def test_gram_binding_checks_inputs(emu):
         op(a1, g1, a2[..., :2].contiguous(), g2, 0)
     with pytest.raises(RuntimeError, match="both be token ids"):
         op(torch.zeros(2, 4, dtype=torch.long), g1, a2, g2, 0)
+
+
+# ------------------------------------------------------------------------------ ntk::linear_jvp, layer_norm_jvp
+def _g(t):
+    return None if t is None else _guarded(t)
+
+
+def _linear_jvp_inputs(N, L, K, O, xd, wd, bias, bd, transposed, seed):
+    """float64 x, W, b, ẋ, Ẇ, ḃ (wd / bd: None, "shared" or "sample"); transposed: W and a shared Ẇ as the
+    transposed views of (d_in, d_out) tensors, a per-sample Ẇ as a (N, d_in, d_out) tensor's transposed view."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * max(K, 1) ** -0.5  # noqa: E731
+    W = rnd(K, O).t() if transposed else rnd(O, K)
+    wdot = {None: None, "shared": rnd(K, O).t() if transposed else rnd(O, K),
+            "sample": rnd(N, K, O).transpose(1, 2) if transposed else rnd(N, O, K)}[wd]
+    bdot = {None: None, "shared": rnd(O), "sample": rnd(N, O)}[bd]
+    x = torch.randn(N, L, K, generator=g, dtype=torch.float64)
+    xdot = torch.randn(N, L, K, generator=g, dtype=torch.float64) if xd else None
+    return [x, W, rnd(O) if bias else None, xdot, wdot, bdot]
+
+
+def _guarded_keep_strides(t):
+    """A guarded copy with t's strides pattern for the transposed views (the kernels read W, Ẇ through strides)."""
+    if t is None or t.is_contiguous():
+        return _g(t)
+    perm = sorted(range(t.ndim), key=lambda d: -t.stride(d))  # the order of the underlying contiguous tensor
+    base = _guarded(t.permute(*perm).contiguous())
+    return base.permute(*[perm.index(d) for d in range(t.ndim)])
+
+
+def check_linear_jvp(inputs, dtype):
+    t = [None if a is None else a.to(dtype) for a in inputs]
+    g = [_guarded_keep_strides(a) for a in t]
+    for a, b in zip(g, t):
+        assert a is None or (torch.equal(a, b) and (a.numel() == 0 or a.stride() == b.stride()))
+    y, yd = getattr(torch.ops, NS).linear_jvp(*g)
+    ref = J.linear_jvp_ref(*[None if a is None else a.double() for a in t])
+    low = J.linear_jvp_ref(*t) if dtype in (torch.float16, torch.bfloat16) else (None, None)
+    for o, r, lo, name in zip((y, yd), ref, low, ("y", "y_dot")):
+        assert o.dtype == dtype and o.shape == r.shape, f"{name}: {o.dtype} {tuple(o.shape)}"
+        assert_close(o, r, dtype, lo, f"linear_jvp {name} ({dtype})")
+
+
+# (N, L, d_in, d_out): odd, one tile; one element; two column tiles and three k chunks; L over two row tiles of
+# one sample (per-sample Ẇ) and M over three shared row tiles; d_in = 0 (y = b, ẏ = ḃ)
+LINEAR_JVP_SHAPES = [(2, 5, 37, 21), (1, 1, 1, 1), (3, 2, 40, 70), (2, 70, 5, 9), (2, 3, 0, 4)]
+# (xd, wd, bias, bd, transposed)
+LINEAR_JVP_COMBOS = [(True, "shared", True, "shared", False), (True, "sample", True, "sample", True),
+                     (False, "sample", False, None, False), (True, None, False, "sample", True),
+                     (False, None, True, None, False), (False, "shared", True, "sample", True)]
+
+
+@pytest.mark.parametrize("combo", LINEAR_JVP_COMBOS,
+                         ids=lambda c: f"xd{int(c[0])}-wd_{c[1]}-b{int(c[2])}-bd_{c[3]}" + ("-WT" if c[4] else ""))
+@pytest.mark.parametrize("shape", LINEAR_JVP_SHAPES, ids=lambda s: "N{}-L{}-din{}-dout{}".format(*s))
+def test_linear_jvp_float64_matches_reference(emu, shape, combo):
+    check_linear_jvp(_linear_jvp_inputs(*shape, *combo, seed=sum(shape)), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("combo", [LINEAR_JVP_COMBOS[0], LINEAR_JVP_COMBOS[1]], ids=["shared", "sample-WT"])
+def test_linear_jvp_low_precision(emu, dtype, combo):
+    check_linear_jvp(_linear_jvp_inputs(2, 9, 40, 19, *combo, seed=3), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,combo", [((2, 70, 20, 130), LINEAR_JVP_COMBOS[1]), ((3, 50, 37, 21), LINEAR_JVP_COMBOS[0]),
+                                         ((2, 3, 33, 129), LINEAR_JVP_COMBOS[5]), ((1, 1, 1, 1), LINEAR_JVP_COMBOS[3])],
+                         ids=["sample-2x2-tiles", "shared-3-row-tiles", "WT-2-col-tiles", "one"])
+def test_linear_jvp_tensor_cores(emu, dtype, shape, combo):
+    """fp16 / bf16 run the wmma kernel (64 x 128 tiles, k chunks of 16): several row tiles of one sample (per-sample
+    Ẇ), several shared row tiles, a column tile of one column, partial k chunks."""
+    check_linear_jvp(_linear_jvp_inputs(*shape, *combo, seed=sum(shape)), dtype)
+
+
+def _norm_inputs(N, L, D, rms, w, b, xd, wd, bd, seed):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    b = b and not rms
+    vec = lambda kind: {None: None, "shared": rnd(D), "sample": rnd(N, D)}[kind]  # noqa: E731
+    return [rnd(N, L, D) * 2.0 + 0.7, rnd(D) if w else None, rnd(D) if b else None, 1e-5,
+            rnd(N, L, D) if xd else None, vec(wd) if w else None, vec(bd) if b else None, rms]
+
+
+def check_layer_norm_jvp(inputs, dtype):
+    t = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in inputs]
+    y, yd = getattr(torch.ops, NS).layer_norm_jvp(*[_g(a) if isinstance(a, torch.Tensor) else a for a in t])
+    ref = J.layer_norm_jvp_ref(*[a.double() if isinstance(a, torch.Tensor) else a for a in t])
+    low = J.layer_norm_jvp_ref(*t) if dtype in (torch.float16, torch.bfloat16) else (None, None)
+    for o, r, lo, name in zip((y, yd), ref, low, ("y", "y_dot")):
+        assert o.dtype == dtype and o.shape == r.shape, f"{name}: {o.dtype} {tuple(o.shape)}"
+        assert_close(o, r, dtype, lo, f"layer_norm_jvp {name} ({dtype})")
+
+
+# (N, L, D): rows of one element, of 33 (a lane with two elements) and 70; M = 15 over two blocks of 8 warps
+NORM_JVP_SHAPES = [(3, 5, 70), (2, 1, 1), (1, 9, 33)]
+# (rms, w, b, xd, wd, bd)
+NORM_JVP_COMBOS = [(False, True, True, True, "shared", "shared"), (False, True, True, True, "sample", "sample"),
+                   (True, True, False, True, "sample", None), (True, False, False, True, None, None),
+                   (False, False, False, True, None, None), (False, True, True, False, "shared", "sample"),
+                   (True, True, False, False, "shared", None)]
+
+
+@pytest.mark.parametrize("combo", NORM_JVP_COMBOS, ids=lambda c: ("rms" if c[0] else "ln") +
+                         f"-w{int(c[1])}-b{int(c[2])}-xd{int(c[3])}-wd_{c[4]}-bd_{c[5]}")
+@pytest.mark.parametrize("shape", NORM_JVP_SHAPES, ids=lambda s: "N{}-L{}-D{}".format(*s))
+def test_layer_norm_jvp_float64_matches_reference(emu, shape, combo):
+    check_layer_norm_jvp(_norm_inputs(*shape, *combo, seed=sum(shape)), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_layer_norm_jvp_low_precision(emu, dtype, rms):
+    check_layer_norm_jvp(_norm_inputs(2, 5, 70, rms, True, True, True, "sample", "shared", seed=4), dtype)
+
+
+def test_jvp_ops_run_the_emulated_backend(emu, monkeypatch):
+    """The public ops (flattening (N, *, d) inputs, non-contiguous tangents, the custom ops) with the CUDA
+    backend's binding and kernels forced in, against the references and torch.func.jvp."""
+    ns = getattr(torch.ops, NS)
+    for op, fn in (("linear_jvp", ns.linear_jvp), ("layer_norm_jvp", ns.layer_norm_jvp)):
+        monkeypatch.setitem(_backend._REGISTRY[op], "cuda", _backend.Kernel("cuda", fn, lambda d, t: []))
+        monkeypatch.setenv(f"NTK_KERNELS_BACKEND_{op.upper()}", "cuda")
+        assert _backend.choose(op, torch.device("cpu"), torch.float64).fn is fn
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)  # noqa: E731
+    x, xd = rnd(3, 2, 4, 13), rnd(3, 4, 2, 13).transpose(1, 2)
+    W, b, wd, bd = rnd(13, 10).t(), rnd(10), rnd(3, 10, 13), rnd(3, 20)[:, ::2]
+    y, yd = J.linear_jvp(x, W, b, xd, wd, bd)
+    one = lambda xn, xdn, wdn, bdn: torch.func.jvp(torch.nn.functional.linear, (xn, W, b), (xdn, wdn, bdn))  # noqa
+    ry, ryd = torch.func.vmap(one)(x, xd, wd, bd)
+    assert_close(y, ry, torch.float64, name="linear_jvp y")
+    assert_close(yd, ryd, torch.float64, name="linear_jvp y_dot")
+    w, bb, wdd, bdd = rnd(13), rnd(13), rnd(13), rnd(13)
+    y, yd = J.layer_norm_jvp(x, w, bb, 1e-5, xd, wdd, bdd)
+    ry, ryd = torch.func.jvp(lambda a, p, q: torch.nn.functional.layer_norm(a, (13,), p, q, 1e-5), (x, w, bb),
+                             (xd, wdd, bdd))
+    assert_close(y, ry, torch.float64, name="layer_norm_jvp y")
+    assert_close(yd, ryd, torch.float64, name="layer_norm_jvp y_dot")
+    y, yd = J.layer_norm_jvp(x, w, None, 1e-6, xd, wdd, None, rms=True)
+    ry, ryd = torch.func.jvp(lambda a, p: torch.nn.functional.rms_norm(a, (13,), p, 1e-6), (x, w), (xd, wdd))
+    assert_close(y, ry, torch.float64, name="rms_norm_jvp y")
+    assert_close(yd, ryd, torch.float64, name="rms_norm_jvp y_dot")
+
+
+def test_jvp_binding_checks_inputs(emu):
+    ns = getattr(torch.ops, NS)
+    x, W = torch.randn(2, 3, 5), torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="x must be 3-D"):
+        ns.linear_jvp(x[0], W, None, None, None, None)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[4, 5\]"):
+        ns.linear_jvp(x, W[:, :4], None, None, None, None)
+    with pytest.raises(RuntimeError, match="weight_dot must have shape"):
+        ns.linear_jvp(x, W, None, None, torch.randn(3, 4, 5), None)
+    with pytest.raises(RuntimeError, match="all tensors must share one dtype"):
+        ns.linear_jvp(x, W.double(), None, None, None, None)
+    with pytest.raises(RuntimeError, match="must be float16, bfloat16, float32 or float64"):
+        ns.linear_jvp(x.int(), W.int(), None, None, None, None)
+    with pytest.raises(RuntimeError, match="bias_dot must have shape"):
+        ns.layer_norm_jvp(x, torch.ones(5), torch.zeros(5), 1e-5, None, None, torch.zeros(3, 5), False)
+    with pytest.raises(RuntimeError, match="takes no bias"):
+        ns.layer_norm_jvp(x, torch.ones(5), torch.zeros(5), 1e-5, None, None, None, True)
+    with pytest.raises(RuntimeError, match="weight_dot needs weight"):
+        ns.layer_norm_jvp(x, None, None, 1e-5, None, torch.ones(5), None, False)
+    with pytest.raises(RuntimeError, match="eps must be >= 0"):
+        ns.layer_norm_jvp(x, None, None, -1.0, None, None, None, False)

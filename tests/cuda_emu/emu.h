@@ -1,4 +1,4 @@
-// Host emulation of the CUDA subset used by csrc/cuda/*.cu (linchain, gram), so that the real kernels can run on
+// Host emulation of the CUDA subset used by csrc/cuda/*.cu (linchain, gram, jvp), so that the real kernels can run on
 // a machine with no GPU (tests/test_cuda_emulated.py).  That test rewrites the real source mechanically:
 //   kernel<<<grid, block, smem, stream>>>(args)   ->  ::emu::launch("kernel", grid, block, smem, stream, kernel, args)
 //   __shared__ __align__(n) T name[d1][d2];       ->  EMU_SHARED(name, n, [d1][d2], T);
@@ -36,7 +36,8 @@
 // (plain pointers carry no bounds); races between blocks (blocks run one after another, so two blocks writing
 // one location, or a block reading what another writes, are not flagged); orderings other than the two
 // schedules above; warp lockstep (lanes run one at a time, so code relying on implicit warp synchrony fails
-// here; __syncwarp, votes and the other warp intrinsics are not provided); memory fences and atomics; dynamic
+// here; __syncwarp and nvcuda::wmma are emulated in emu_wmma.h, votes and the other warp intrinsics are not
+// provided); memory fences and atomics; dynamic
 // shared memory (smem != 0 is rejected); device floating point (FMA contraction, --use_fast_math, the device's
 // fp16 / bf16 intrinsics); register, occupancy and time limits.
 #pragma once
@@ -435,3 +436,6 @@ __attribute__((weak, visibility("hidden"))) void __ubsan_handle_out_of_bounds_ab
   ::emu::ubsan_out_of_bounds(data, index);
 }
 }
+
+// nvcuda::wmma and __syncwarp (jvp_kernels.cu), built on the barrier above
+#include "emu_wmma.h"
