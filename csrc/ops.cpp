@@ -11,6 +11,11 @@ TORCH_LIBRARY(ntk_cpu, m) {
         "Tensor u, float scaling, float dropout_p, int seed, bool[] needs) -> Tensor[]");
   // mode: 0 full, 1 diagonal, 2 trace (ntk_kernels/ops/ntk_gram.py MODES)
   m.def("gram_contract(Tensor a1, Tensor g1, Tensor a2, Tensor g2, int mode) -> Tensor");
+  // forward-mode ops (ntk_kernels/ops/jvp.py): x, x_dot (N, L, d_in); returns (y, y_dot)
+  m.def("linear_jvp(Tensor x, Tensor weight, Tensor? bias, Tensor? x_dot, Tensor? weight_dot, Tensor? bias_dot) "
+        "-> (Tensor, Tensor)");
+  m.def("layer_norm_jvp(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? x_dot, Tensor? weight_dot, "
+        "Tensor? bias_dot, bool rms) -> (Tensor, Tensor)");
 }
 
 // Importing ntk_kernels._C runs the registrations above; the module itself exposes nothing.

@@ -31,6 +31,7 @@ reference below.  A backend function takes the arguments of the op with x and x_
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -236,7 +237,8 @@ _layer_norm_jvp_op.register_autograd(
 
 
 def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.reshape(t.shape[0], -1, t.shape[-1])
+    # the middle size spelled out: reshape cannot infer -1 when N = 0
+    return None if t is None else t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
 
 
 def linear_jvp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, x_dot: Optional[Tensor] = None,

@@ -1,0 +1,60 @@
+"""The C++ CPU backend of ``ntk::linear_jvp`` and ``ntk::layer_norm_jvp`` (csrc/cpu/jvp.cpp, ops
+``torch.ops.ntk_cpu.linear_jvp`` / ``torch.ops.ntk_cpu.layer_norm_jvp``).
+
+linear_jvp: parallel over blocks of the N·L rows; per block one read (and fp32 conversion for fp16 / bf16) of x's
+rows serves y = x Wᵀ + b and x Ẇᵀ, and ẏ is accumulated in place while in cache.  layer_norm_jvp: one fused loop
+over rows (statistics, y, ẏ).  ``NTK_KERNELS_JVP_CPU_ROWS=<k>`` forces k rows a block of linear_jvp.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _ext
+from .jvp import FLOAT_DTYPES
+
+_OPS = ("linear_jvp", "layer_norm_jvp")
+
+
+def _linear_jvp_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], x_dot: Optional[Tensor],
+                    weight_dot: Optional[Tensor], bias_dot: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    _ext.cpu_loaded()  # registers torch.ops.ntk_cpu (once) when called without _backend.choose
+    y, yd = torch.ops.ntk_cpu.linear_jvp(x, weight, bias, x_dot, weight_dot, bias_dot)
+    return y, yd
+
+
+def _layer_norm_jvp_cpu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                        x_dot: Optional[Tensor], weight_dot: Optional[Tensor], bias_dot: Optional[Tensor],
+                        rms: bool) -> Tuple[Tensor, Tensor]:
+    _ext.cpu_loaded()
+    y, yd = torch.ops.ntk_cpu.layer_norm_jvp(x, weight, bias, float(eps), x_dot, weight_dot, bias_dot, bool(rms))
+    return y, yd
+
+
+def _has_op(name: str) -> bool:
+    try:
+        return hasattr(torch.ops.ntk_cpu, name)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _reasons(name: str):
+    def reasons(device, dtype) -> List[str]:
+        r = []
+        if device.type != "cpu":
+            r.append(f"C++ CPU kernels run on cpu tensors, not {device.type}")
+        if dtype not in FLOAT_DTYPES:
+            r.append(f"takes {FLOAT_DTYPES}, not {dtype}")
+        if not _ext.cpu_loaded():
+            r.append(f"extension ntk_kernels._C not loaded ({_ext.status()['_C']['why']})")
+        elif not _has_op(name):
+            r.append(f"extension ntk_kernels._C has no {name} (an old build: reinstall the package)")
+        return r
+
+    return reasons
+
+
+_backend.register("linear_jvp", "cpu", _linear_jvp_cpu, _reasons("linear_jvp"))
+_backend.register("layer_norm_jvp", "cpu", _layer_norm_jvp_cpu, _reasons("layer_norm_jvp"))
