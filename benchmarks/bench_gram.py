@@ -87,18 +87,12 @@ def run_case(case, dtype, rounds, budget_s, max_einsum_gb, paths, memory):
             fns[f"cpu[{p}]"] = lambda p=p: _cpu_path(p)(*args)
     out, ref = fns["cpu"](), fns["reference"]()
     err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1)).item()
-    names = list(fns)
-    times = _harness.interleaved_seconds([fns[n] for n in names], "cpu", rounds, budget_s)
-    med = _harness.quantile
     rows = []
-    for k, name in enumerate(names):
-        ratio = [a / b for a, b in zip(times[k], times[0])]
-        peak = _harness.peak_memory_bytes(fns[name], "cpu") if memory else None
+    for name, t in _harness.time_against_first(fns, "cpu", rounds, budget_s, memory).items():
         rows.append(dict(case=case["name"], I=case["I"], J=case["J"], T=case["T"], S=case["S"],
                          D=case["D"] if case["D"] is not None else "ids", E=case["E"], C=case["C"], mode=mode,
-                         method=name, ms=med(times[k], 0.5) * 1e3, x_cpu=med(ratio, 0.5),
-                         x_cpu_iqr=f"{med(ratio, 0.25):.2f}-{med(ratio, 0.75):.2f}", rounds=len(times[k]),
-                         peak_mib=None if peak is None else peak / 2**20,
+                         method=name, ms=t["seconds"] * 1e3, x_cpu=t["ratio"], x_cpu_iqr=t["ratio_iqr"],
+                         rounds=t["rounds"], peak_mib=t["peak_mib"],
                          rel_err_vs_reference=err if name == "cpu" else None))
     if "einsum" not in fns:
         rows.append(dict(rows[0], method="einsum", ms=None, x_cpu=None, x_cpu_iqr=None, rounds=0, peak_mib=None,

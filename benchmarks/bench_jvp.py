@@ -62,10 +62,6 @@ NAMES = {"mlp": "MLP 784-512-512-10", "bert": "BERT h256 L4 (random)", "minilm":
 C = 10  # the MLP's outputs
 
 
-def log(msg):
-    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Models and inputs (seeded: the same in every process)
 # ----------------------------------------------------------------------------------------------
@@ -73,21 +69,6 @@ def mlp():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.Tanh(), torch.nn.Linear(512, 512),
                                torch.nn.Tanh(), torch.nn.Linear(512, C)).eval()
-
-
-class MeanPoolHead(torch.nn.Module):
-    """Sentence encoder -> masked mean of the last hidden state -> nn.Linear(d, 2)."""
-
-    def __init__(self, encoder, d):
-        super().__init__()
-        self.encoder = encoder
-        torch.manual_seed(0)
-        self.head = torch.nn.Linear(d, 2)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))
 
 
 def build(spec):
@@ -128,13 +109,9 @@ def build(spec):
             sents = [line.rstrip("\n").split("\t")[0].strip() for line in f][1:n + 1]
         b = tok(sents, padding=True, truncation=True, max_length=64, return_tensors="pt")
         x = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-        return MeanPoolHead(enc, enc.config.hidden_size).eval(), x, [
+        return _harness.MeanPoolHead(enc, enc.config.hidden_size).eval(), x, [
             f"minilm: {n} SST-2 sentences padded to {x['input_ids'].shape[1]} tokens"]
     raise ValueError(name)
-
-
-def _logits(out):
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def _call(model, x):
@@ -154,7 +131,7 @@ def jvp_worker(spec):
 
     def forward():
         with torch.no_grad():
-            return _logits(_call(model, x))
+            return _harness.logits(_call(model, x))
 
     def ours():
         return ntk_kernels.per_sample_jvp(model, x, tangents)
@@ -162,8 +139,8 @@ def jvp_worker(spec):
     def func_jvp():
         def f(p):
             if isinstance(x, torch.Tensor):
-                return _logits(torch.func.functional_call(model, p, (x,)))
-            return _logits(torch.func.functional_call(model, p, (), dict(x)))
+                return _harness.logits(torch.func.functional_call(model, p, (x,)))
+            return _harness.logits(torch.func.functional_call(model, p, (), dict(x)))
 
         with torch.no_grad():
             return torch.func.jvp(f, (params,), (tangents,))
@@ -178,33 +155,6 @@ def jvp_worker(spec):
     return dict(status="ok", notes=notes, P=sum(p.numel() for p in params.values()), rounds=len(times[0]),
                 forward_s=med[0], ours_s=med[1], func_s=med[2], ours_peak=peaks[1], func_peak=peaks[2],
                 forward_peak=peaks[0], max_rel_diff=agree, primal_rel_diff=agree_y)
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def timed_peak(fn):
-    """(seconds, peak growth in bytes, result) of one call: VmHWM (reset through /proc/self/clear_refs) over
-    VmRSS before the call, after malloc_trim."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    base = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, max(0, _status_kib("VmHWM") - base) * 1024, out
 
 
 def eigs_worker(spec):
@@ -228,7 +178,7 @@ def eigs_worker(spec):
         ntk_kernels.ntk_eigs(model, x[:8], k=2)
     else:
         ntk_kernels.empirical_ntk(model, x[:8], mode="full")
-    t, peak, vals = timed_peak(run)
+    t, peak, vals = _harness.timed_rss_growth(run)
     res = dict(status="ok", seconds=t, peak=peak, ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                eigenvalues=[float(v) for v in vals])
     if spec["method"] == "dense":
@@ -273,7 +223,7 @@ def case_jvp(a, case):
     T = cfg.get("quick_T" if a.quick else "T")
     spec = dict(kind="jvp", model=case, N=N, T=T, sst2=a.sst2, budget_s=3.0 if a.quick else a.budget_s,
                 rounds=3 if a.quick else None, threads=a.threads, layers=cfg.get("quick_layers") if a.quick else None)
-    log(f"[{case}] forward / per_sample_jvp / torch.func.jvp, N={N}" + (f", T={T}" if T else "") + " ...")
+    _harness.log(f"[{case}] forward / per_sample_jvp / torch.func.jvp, N={N}" + (f", T={T}" if T else "") + " ...")
     r = run_sub(spec, a.max_seconds)
     row = dict(case=case, model=NAMES[case], N=N, T=T, status=r["status"], error=r.get("error"), notes=r.get("notes"))
     if r["status"] == "ok":
@@ -282,11 +232,11 @@ def case_jvp(a, case):
                    func_over_fwd=r["func_s"] / r["forward_s"], speedup=r["func_s"] / r["ours_s"],
                    jvp_peak_mib=_mib(r["ours_peak"]), func_peak_mib=_mib(r["func_peak"]),
                    max_rel_diff=r["max_rel_diff"])
-        log(f"[{case}] fwd {row['forward_ms']:.3g} ms, per_sample_jvp {row['jvp_ms']:.3g} ms "
-            f"({row['jvp_over_fwd']:.2f}x fwd), torch.func.jvp {row['func_jvp_ms']:.3g} ms "
-            f"({row['func_over_fwd']:.2f}x fwd); diff {r['max_rel_diff']:.1e}")
+        _harness.log(f"[{case}] fwd {row['forward_ms']:.3g} ms, per_sample_jvp {row['jvp_ms']:.3g} ms "
+                     f"({row['jvp_over_fwd']:.2f}x fwd), torch.func.jvp {row['func_jvp_ms']:.3g} ms "
+                     f"({row['func_over_fwd']:.2f}x fwd); diff {r['max_rel_diff']:.1e}")
     else:
-        log(f"[{case}] {r['status']}: {r.get('error')}")
+        _harness.log(f"[{case}] {r['status']}: {r.get('error')}")
     return row
 
 
@@ -302,7 +252,7 @@ def case_eigs(a):
     base = dict(kind="eigs", k=k, block=a.eigs_block, budget=int(a.memory_budget_gb * GiB), threads=a.threads)
     full_K = (N * C) ** 2 * 4
     for method, n in (("ntk_eigs", N), ("dense", n_dense), ("ntk_eigs", n_dense)):
-        log(f"[eigs] {method} N={n} k={k} ...")
+        _harness.log(f"[eigs] {method} N={n} k={k} ...")
         r = run_sub(dict(base, method=method, N=n), a.max_seconds_eigs)
         row = dict(case="eigs", model=NAMES["mlp"], N=n, method=method, status=r["status"], error=r.get("error"))
         if r["status"] == "ok":
@@ -310,9 +260,9 @@ def case_eigs(a):
                        top_eigenvalues=r["eigenvalues"])
             if method == "dense":
                 row.update(form_K_s=r["form_s"], eigvalsh_s=r["eigvalsh_s"], K_mib=_mib(r["K_bytes"]))
-            log(f"[eigs] {method} N={n}: {r['seconds']:.3g} s, peak {row['peak_mib']:.0f} MiB")
+            _harness.log(f"[eigs] {method} N={n}: {r['seconds']:.3g} s, peak {row['peak_mib']:.0f} MiB")
         else:
-            log(f"[eigs] {method} N={n}: {r['status']}: {r.get('error')}")
+            _harness.log(f"[eigs] {method} N={n}: {r['status']}: {r.get('error')}")
         rows.append(row)
     dense, same = rows[1], rows[2]
     if dense["status"] == "ok" and same["status"] == "ok":
@@ -321,8 +271,8 @@ def case_eigs(a):
                     eig_rel_diff=((d - s).abs() / d.abs()).max().item())
     rows[0]["dense_would_need_gib"] = full_K / GiB
     rows[0]["dense_would_need_with_copy_gib"] = 2 * full_K / GiB
-    log(f"[eigs] dense K at N={N}: (N·C)²·4 B = {full_K / 1e9:.3g} GB ({2 * full_K / 1e9:.3g} GB with the "
-        f"(N·C, N·C) copy); dense run at N={n_dense} (K {(n_dense * C) ** 2 * 4 / GiB:.2f} GiB)")
+    _harness.log(f"[eigs] dense K at N={N}: (N·C)²·4 B = {full_K / 1e9:.3g} GB ({2 * full_K / 1e9:.3g} GB with the "
+                 f"(N·C, N·C) copy); dense run at N={n_dense} (K {(n_dense * C) ** 2 * 4 / GiB:.2f} GiB)")
     return rows
 
 
@@ -343,9 +293,7 @@ def main(argv=None):
     ap.add_argument("--dense-n", type=int, default=None, help="override the dense method's N")
     ap.add_argument("--memory-budget-gb", type=float, default=2.0, help="empirical_ntk's memory_budget (features)")
     ap.add_argument("--max-seconds-eigs", type=float, default=7200.0, help="wall-time cap of one eigs subprocess")
-    ap.add_argument("--sst2", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "sst2"),
-                    help="folder with SST-2's validation.tsv")
-    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    _harness.add_worker_args(ap)
     a = ap.parse_args(argv)
     if a._worker is not None:
         worker(json.loads(a._worker))
@@ -353,7 +301,7 @@ def main(argv=None):
     if a.quick and a.threads is None:  # a smoke run on a shared machine: no OpenMP spin-waits
         a.threads = 1
     if "minilm" in a.case and not os.path.exists(os.path.join(a.sst2, "validation.tsv")):
-        log(f"minilm: skipped, no {a.sst2}/validation.tsv (pass --sst2)")
+        _harness.log(f"minilm: skipped, no {a.sst2}/validation.tsv (pass --sst2)")
         a.case = [c for c in a.case if c != "minilm"]
     t0 = time.time()
     jvp_rows, eig_rows = [], []

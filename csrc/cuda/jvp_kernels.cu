@@ -21,6 +21,8 @@
 // Deterministic: every output element has one writer and a fixed order of additions.
 #include "jvp_kernels.h"
 
+#include "dtype_utils.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,33 +38,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <typename T> using acc_t = typename AccOf<T>::type;
-
-// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__.
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v);
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
-
-__device__ __forceinline__ float sqrt_acc(float v) { return sqrtf(v); }
-__device__ __forceinline__ double sqrt_acc(double v) { return sqrt(v); }
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int m = 16; m > 0; m /= 2) v += __shfl_sync(0xffffffffu, v, (threadIdx.x % 32) ^ m);
-  return v;
-}
-
-__host__ __device__ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+using namespace cuda_common;  // dtype_utils.cuh: acc_t, to_acc, from_acc, sqrt_acc, warp_sum, imin, by_dtype
 
 // ---------------------------------------------------------------------------------------------------------
 // linear_jvp
@@ -72,8 +48,24 @@ constexpr int TM = 4, TN = 4;           // outputs per thread: rows 4·ty + i, c
 constexpr int kLoads = BM * BK / kThreads;  // elements of one staged tile per thread (BM = BN)
 static_assert(BM == BN && BM * BK == kLoads * kThreads && (BM / TM) * (BN / TN) == kThreads, "tile shape");
 
-// Block (blockIdx.x, blockIdx.y) = (row tile, column tile).  sample_tiles: row tile t holds rows
-// l = (t % tiles_per_sample)·BM + r of sample n = t / tiles_per_sample (a per-sample Ẇ); else rows t·BM + r.
+// The (bm x bn) output tile of block (blockIdx.x, blockIdx.y) = (row tile, column tile) of both linear_jvp kernels.
+// sample_tiles: row tile t holds rows l = (t % tiles_per_sample)·bm + r of sample n = t / tiles_per_sample (a
+// per-sample Ẇ); else rows t·bm + r (n = 0).  Row r of the tile is global row m0 + r, valid for r < rows; column c
+// is o0 + c, valid for c < cols.
+struct Tile {
+  int64_t n, m0, rows, o0, cols;
+};
+__device__ __forceinline__ Tile block_tile(int bm, int bn, int64_t M, int64_t L, int64_t O, bool sample_tiles,
+                                           int64_t tiles_per_sample) {
+  const int64_t tile = blockIdx.x, o0 = int64_t(blockIdx.y) * bn, cols = imin(bn, O - o0);
+  if (sample_tiles) {
+    const int64_t n = tile / tiles_per_sample, l0 = (tile % tiles_per_sample) * bm;
+    return {n, n * L + l0, imin(bm, L - l0), o0, cols};
+  }
+  return {0, tile * bm, imin(bm, M - tile * bm), o0, cols};
+}
+
+// One block per (BM x BN) output tile (block_tile).
 template <typename T, bool XD, bool WD>
 __global__ void __launch_bounds__(kThreads)
 linear_jvp_kernel(const T* __restrict__ x, const T* __restrict__ xd, const T* __restrict__ w,
@@ -88,20 +80,9 @@ linear_jvp_kernel(const T* __restrict__ x, const T* __restrict__ xd, const T* __
   __shared__ __align__(16) A wds[BK][BN + 4];  // Ẇᵀ tile (WD)
 
   const int tid = threadIdx.x, ty = tid / (BN / TN), tx = tid % (BN / TN);
-  const int64_t tile = blockIdx.x, o0 = int64_t(blockIdx.y) * BN;
-  int64_t n_tile = 0, l0 = 0, rows_in_tile;  // row r of the tile is global row m0 + r, valid for r < rows_in_tile
-  int64_t m0;
-  if (sample_tiles) {
-    n_tile = tile / tiles_per_sample;
-    l0 = (tile % tiles_per_sample) * BM;
-    m0 = n_tile * L + l0;
-    rows_in_tile = imin(BM, L - l0);
-  } else {
-    m0 = tile * BM;
-    rows_in_tile = imin(BM, M - m0);
-  }
-  const int64_t cols_in_tile = imin(BN, O - o0);
-  const T* wdn = WD ? wd + n_tile * swd_n : nullptr;
+  const Tile tile = block_tile(BM, BN, M, L, O, sample_tiles, tiles_per_sample);
+  const int64_t m0 = tile.m0, o0 = tile.o0, rows_in_tile = tile.rows, cols_in_tile = tile.cols;
+  const T* wdn = WD ? wd + tile.n * swd_n : nullptr;
   const bool w_k_fast = sw_k == 1, wd_k_fast = swd_k == 1;
 
   A acc[TM][TN], accd[TM][TN];
@@ -212,19 +193,9 @@ linear_jvp_tc_kernel(const T* __restrict__ x, const T* __restrict__ xd, const T*
   constexpr int BM = tc::BM, BN = tc::BN, BK = tc::BK, LDS = tc::LDS, WM = tc::WM, WN = tc::WN, FM = tc::FM,
                 FN = tc::FN, SCR = tc::SCR, kLoadsX = tc::kLoadsX, kLoadsW = tc::kLoadsW;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t tile = blockIdx.x, o0 = int64_t(blockIdx.y) * BN;
-  int64_t n_tile = 0, m0, rows_in_tile;
-  if (sample_tiles) {
-    n_tile = tile / tiles_per_sample;
-    const int64_t l0 = (tile % tiles_per_sample) * BM;
-    m0 = n_tile * L + l0;
-    rows_in_tile = imin(BM, L - l0);
-  } else {
-    m0 = tile * BM;
-    rows_in_tile = imin(BM, M - m0);
-  }
-  const int64_t cols_in_tile = imin(BN, O - o0);
-  const T* wdn = WD ? wd + n_tile * swd_n : nullptr;
+  const Tile tile = block_tile(BM, BN, M, L, O, sample_tiles, tiles_per_sample);
+  const int64_t m0 = tile.m0, o0 = tile.o0, rows_in_tile = tile.rows, cols_in_tile = tile.cols;
+  const T* wdn = WD ? wd + tile.n * swd_n : nullptr;
   // writes v + (bias) to out[m0 + r, o0 + c]; vector: b, or ḃ (per sample: the row's n)
   auto put = [&](T* out, const T* vec, bool per_sample, int r, int c, float v) {
     if (r >= rows_in_tile || c >= cols_in_tile) return;
@@ -408,19 +379,6 @@ layer_norm_jvp_kernel(const T* __restrict__ x, const T* __restrict__ xd, const T
 // ---------------------------------------------------------------------------------------------------------
 // Host side: dtype dispatch, grids, argument checks.
 // ---------------------------------------------------------------------------------------------------------
-template <typename T> struct Tag { using type = T; };
-
-template <typename F>
-cudaError_t by_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat16: return f(Tag<__half>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 constexpr int64_t kMaxGridX = 2147483647, kMaxGridY = 65535;
 
 }  // namespace

@@ -13,6 +13,7 @@
 
 #include <type_traits>
 
+#include "dtype_utils.cuh"
 #include "hash_dropout.h"
 
 namespace ntk {
@@ -22,29 +23,7 @@ namespace {
 constexpr int kThreads = 256;  // 8 warps per block in every kernel
 constexpr int kWarps = kThreads / 32;
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <typename T> using acc_t = typename AccOf<T>::type;
-
-// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__.
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-
-// Four consecutive acc values from 16-byte-aligned shared memory in one (float4) or two (double2) loads.
-__device__ __forceinline__ void lds4(const float* p, float (&v)[4]) {
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
-}
-__device__ __forceinline__ void lds4(const double* p, double (&v)[4]) {
-  const double2 a = reinterpret_cast<const double2*>(p)[0], b = reinterpret_cast<const double2*>(p)[1];
-  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
-}
+using namespace cuda_common;  // dtype_utils.cuh: acc_t, to_acc, store, lds4, by_dtype
 
 // keep(i, c) = H(seed, i, c) >= T(p) (hash_dropout.h); the row half of the hash is computed once per row.
 struct Dropout {
@@ -339,19 +318,6 @@ reduce_splits_kernel(const acc_t<T>* __restrict__ ws, int64_t splits, T* __restr
 // ---------------------------------------------------------------------------------------------------------
 // Host side: dtype and rank-tile dispatch, grids, argument checks.
 // ---------------------------------------------------------------------------------------------------------
-template <typename T> struct Tag { using type = T; };
-
-template <typename F>
-cudaError_t by_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat16: return f(Tag<__half>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // The smallest rank tile that holds r (ranks above 64 use several 64-wide tiles).
 template <typename F>
 void by_rank_tile(int64_t r, F&& f) {

@@ -20,24 +20,8 @@ def _gram_cpu(a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, mode: str) -> Tens
     return torch.ops.ntk_cpu.gram_contract(a1, g1, a2, g2, MODES.index(mode))
 
 
-def _has_op() -> bool:
-    try:
-        return hasattr(torch.ops.ntk_cpu, "gram_contract")
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _cpu_reasons(device, dtype) -> List[str]:
-    r = []
-    if device.type != "cpu":
-        r.append(f"C++ CPU kernels run on cpu tensors, not {device.type}")
-    if dtype not in FLOAT_DTYPES:
-        r.append(f"takes {FLOAT_DTYPES}, not {dtype}")
-    if not _ext.cpu_loaded():
-        r.append(f"extension ntk_kernels._C not loaded ({_ext.status()['_C']['why']})")
-    elif not _has_op():
-        r.append("extension ntk_kernels._C has no gram_contract (an old build: reinstall the package)")
-    return r
+    return _ext.cpu_reasons(device, dtype, dtypes=FLOAT_DTYPES, ops=("gram_contract",))
 
 
 _backend.register("gram", "cpu", _gram_cpu, _cpu_reasons)

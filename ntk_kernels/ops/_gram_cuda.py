@@ -13,22 +13,8 @@ from .. import _backend, _ext
 from .ntk_gram import FLOAT_DTYPES, MODES
 
 
-def _has_op() -> bool:
-    return hasattr(torch.ops, "ntk_cuda") and hasattr(torch.ops.ntk_cuda, "gram_contract")
-
-
 def _cuda_reasons(device, dtype):
-    r = []
-    if device.type != "cuda":
-        r.append(f"CUDA kernels run on cuda tensors, not {device.type}")
-    if dtype not in FLOAT_DTYPES:
-        r.append(f"CUDA kernels take float16, bfloat16, float32 or float64, not {dtype}")
-    if not _ext.cuda_loaded():
-        r.append(f"extension ntk_kernels._C_cuda not loaded ({_ext.status()['_C_cuda']['why']})")
-    elif not _has_op():  # an extension built before the gram kernels existed
-        r.append("torch.ops.ntk_cuda lacks gram_contract (ntk_kernels._C_cuda predates csrc/cuda/gram_kernels.cu; "
-                 "rebuild it)")
-    return r
+    return _ext.cuda_reasons(device, dtype, dtypes=FLOAT_DTYPES, ops=("gram_contract",), kernels="gram_kernels.cu")
 
 
 def _gram_cuda(a1, g1, a2, g2, mode: str):

@@ -41,7 +41,6 @@ in fp32, so fp64 is refused.  On the CPU the kernels run only under TRITON_INTER
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import List, Optional
 
@@ -49,7 +48,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ._triton_common import DTYPES as _DTYPES, triton_reasons
+from ._triton_common import (DTYPES as _DTYPES, device_context as _device, dot_precision as _prec, interpreted,
+                             next_p2 as _p2, triton_reasons)
 from .ntk_gram import ID_DTYPES, MODES, out_shape
 
 from ._triton_common import IMPORT_ERROR as _IMPORT_ERROR, jit as _jit, tl, triton
@@ -255,31 +255,16 @@ def _gram_pair_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, out_ptr, I, J, C, T, S, D,
 # Launchers.
 # ----------------------------------------------------------------------------------------------
 def _interpreted() -> bool:
-    return type(_gram_pair_kernel).__name__ == "InterpretedFunction"
+    return interpreted(_gram_pair_kernel)
 
 
 def _on_gpu(t: Tensor) -> bool:
     return t.is_cuda and not _interpreted()
 
 
-def _prec(t: Tensor) -> str:
-    """fp32 dots follow torch's matmul setting (TF32 only when torch would use it); 16-bit ignore it."""
-    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32):
-        return "ieee"
-    return "tf32"
-
-
-def _p2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _target_programs(t: Tensor) -> int:

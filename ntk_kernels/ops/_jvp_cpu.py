@@ -7,7 +7,7 @@ over rows (statistics, y, ẏ).  ``NTK_KERNELS_JVP_CPU_ROWS=<k>`` forces k rows 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -15,7 +15,6 @@ from torch import Tensor
 from .. import _backend, _ext
 from .jvp import FLOAT_DTYPES
 
-_OPS = ("linear_jvp", "layer_norm_jvp")
 
 
 def _linear_jvp_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], x_dot: Optional[Tensor],
@@ -33,27 +32,8 @@ def _layer_norm_jvp_cpu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     return y, yd
 
 
-def _has_op(name: str) -> bool:
-    try:
-        return hasattr(torch.ops.ntk_cpu, name)
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _reasons(name: str):
-    def reasons(device, dtype) -> List[str]:
-        r = []
-        if device.type != "cpu":
-            r.append(f"C++ CPU kernels run on cpu tensors, not {device.type}")
-        if dtype not in FLOAT_DTYPES:
-            r.append(f"takes {FLOAT_DTYPES}, not {dtype}")
-        if not _ext.cpu_loaded():
-            r.append(f"extension ntk_kernels._C not loaded ({_ext.status()['_C']['why']})")
-        elif not _has_op(name):
-            r.append(f"extension ntk_kernels._C has no {name} (an old build: reinstall the package)")
-        return r
-
-    return reasons
+    return lambda device, dtype: _ext.cpu_reasons(device, dtype, dtypes=FLOAT_DTYPES, ops=(name,))
 
 
 _backend.register("linear_jvp", "cpu", _linear_jvp_cpu, _reasons("linear_jvp"))

@@ -16,22 +16,8 @@ from .jvp import FLOAT_DTYPES
 _OPS = ("linear_jvp", "layer_norm_jvp")
 
 
-def _has_ops() -> bool:
-    return hasattr(torch.ops, "ntk_cuda") and all(hasattr(torch.ops.ntk_cuda, op) for op in _OPS)
-
-
 def _cuda_reasons(device, dtype):
-    r = []
-    if device.type != "cuda":
-        r.append(f"CUDA kernels run on cuda tensors, not {device.type}")
-    if dtype not in FLOAT_DTYPES:
-        r.append(f"CUDA kernels take float16, bfloat16, float32 or float64, not {dtype}")
-    if not _ext.cuda_loaded():
-        r.append(f"extension ntk_kernels._C_cuda not loaded ({_ext.status()['_C_cuda']['why']})")
-    elif not _has_ops():  # an extension built before the jvp kernels existed
-        r.append("torch.ops.ntk_cuda lacks linear_jvp / layer_norm_jvp (ntk_kernels._C_cuda predates "
-                 "csrc/cuda/jvp_kernels.cu; rebuild it)")
-    return r
+    return _ext.cuda_reasons(device, dtype, dtypes=FLOAT_DTYPES, ops=_OPS, kernels="jvp_kernels.cu")
 
 
 def _linear_jvp_cuda(x, weight, bias=None, x_dot=None, weight_dot=None, bias_dot=None):

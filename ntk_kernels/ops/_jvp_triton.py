@@ -22,14 +22,14 @@ cuda).  On the CPU the kernels run only under TRITON_INTERPRET=1 (set before imp
 """
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend
-from ._triton_common import triton_reasons
+from ._triton_common import (device_context as _device, dot_precision as _prec, interpreted, next_p2 as _p2,
+                             triton_reasons)
 
 from ._triton_common import IMPORT_ERROR as _IMPORT_ERROR, jit as _jit, tl, triton
 
@@ -153,6 +153,20 @@ def _ln_outputs(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, yd_ptr, rows
 
 
 @_jit()
+def _ln_chunk(x_ptr, xd_ptr, r64, row_ok, rd, d0, D, sxm, sxdm, HAS_XD: tl.constexpr):
+    """Columns cols = d0 + rd of the rows: (cols, mask, x, ẋ), x and ẋ as fp32 (ROWS, BLOCK_D) tiles, 0 off the
+    mask; ẋ = x when there is no ẋ (the callers then ignore it)."""
+    cols = d0 + rd
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    x = tl.load(x_ptr + r64 * sxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_XD:
+        xd = tl.load(xd_ptr + r64 * sxdm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        xd = x
+    return cols, mask, x, xd
+
+
+@_jit()
 def _layer_norm_jvp_kernel(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, yd_ptr, M, L, D, eps,
                            sxm, sxdm, sym, sydm, sw, sb, swds, swd, sbds, sbd,
                            RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_XD: tl.constexpr,
@@ -165,8 +179,7 @@ def _layer_norm_jvp_kernel(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, y
     r64 = rows.to(tl.int64)[:, None]
     rd = tl.arange(0, BLOCK_D)
     if SINGLE:
-        mask = row_ok[:, None] & (rd < D)[None, :]
-        x = tl.load(x_ptr + r64 * sxm + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols, mask, x, xd = _ln_chunk(x_ptr, xd_ptr, r64, row_ok, rd, 0, D, sxm, sxdm, HAS_XD)
         if RMS:
             mean = tl.zeros((ROWS,), dtype=tl.float32)
             xc = x
@@ -175,14 +188,12 @@ def _layer_norm_jvp_kernel(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, y
             xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
         if HAS_XD:
-            xd = tl.load(xd_ptr + r64 * sxdm + rd[None, :], mask=mask, other=0.0).to(tl.float32)
             mxd = tl.sum(xd, axis=1) / D
             proj = tl.sum(xd * xc, axis=1) / D * rstd
         else:
-            xd = x
             mxd = mean
             proj = mean
-        _ln_outputs(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, yd_ptr, rows, n_row, rd, mask,
+        _ln_outputs(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, yd_ptr, rows, n_row, cols, mask,
                     sxm, sxdm, sym, sydm, sw, sb, swds, swd, sbds, sbd, mean, rstd, mxd, proj, x, xd,
                     RMS, HAS_W, HAS_B, HAS_XD, HAS_WD, WD_PS, HAS_BD, BD_PS)
     else:
@@ -190,19 +201,15 @@ def _layer_norm_jvp_kernel(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, y
         s1 = tl.zeros((ROWS,), dtype=tl.float32)
         s2 = tl.zeros((ROWS,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + rd
-            mask = row_ok[:, None] & (cols < D)[None, :]
-            x = tl.load(x_ptr + r64 * sxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_XD:
-                xd = tl.load(xd_ptr + r64 * sxdm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            else:
-                xd = tl.zeros_like(x)
+            cols, mask, x, xd = _ln_chunk(x_ptr, xd_ptr, r64, row_ok, rd, d0, D, sxm, sxdm, HAS_XD)
             if RMS:
                 s1 += tl.sum(x * x, axis=1)
-                s2 += tl.sum(xd * x, axis=1)
+                if HAS_XD:
+                    s2 += tl.sum(xd * x, axis=1)
             else:
                 s1 += tl.sum(x, axis=1)
-                s2 += tl.sum(xd, axis=1)
+                if HAS_XD:
+                    s2 += tl.sum(xd, axis=1)
         if RMS:
             mean = tl.zeros((ROWS,), dtype=tl.float32)
             mxd = mean
@@ -215,25 +222,16 @@ def _layer_norm_jvp_kernel(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, y
             s3 = tl.zeros((ROWS,), dtype=tl.float32)
             s4 = tl.zeros((ROWS,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                cols = d0 + rd
-                mask = row_ok[:, None] & (cols < D)[None, :]
-                x = tl.load(x_ptr + r64 * sxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                cols, mask, x, xd = _ln_chunk(x_ptr, xd_ptr, r64, row_ok, rd, d0, D, sxm, sxdm, HAS_XD)
                 xc = tl.where(mask, x - mean[:, None], 0.0)
                 s3 += tl.sum(xc * xc, axis=1)
                 if HAS_XD:
-                    xd = tl.load(xd_ptr + r64 * sxdm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                     s4 += tl.sum(xd * xc, axis=1)
             rstd = 1.0 / tl.sqrt(s3 / D + eps)
             proj = s4 / D * rstd
         # last pass: the outputs
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + rd
-            mask = row_ok[:, None] & (cols < D)[None, :]
-            x = tl.load(x_ptr + r64 * sxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_XD:
-                xd = tl.load(xd_ptr + r64 * sxdm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            else:
-                xd = x
+            cols, mask, x, xd = _ln_chunk(x_ptr, xd_ptr, r64, row_ok, rd, d0, D, sxm, sxdm, HAS_XD)
             _ln_outputs(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, yd_ptr, rows, n_row, cols,
                         mask, sxm, sxdm, sym, sydm, sw, sb, swds, swd, sbds, sbd, mean, rstd, mxd, proj, x, xd,
                         RMS, HAS_W, HAS_B, HAS_XD, HAS_WD, WD_PS, HAS_BD, BD_PS)
@@ -243,26 +241,11 @@ def _layer_norm_jvp_kernel(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, y_ptr, y
 # Launchers.
 # ----------------------------------------------------------------------------------------------
 def _interpreted() -> bool:
-    return type(_linear_jvp_kernel).__name__ == "InterpretedFunction"
+    return interpreted(_linear_jvp_kernel)
 
 
 def _on_gpu(t: Tensor) -> bool:
     return t.is_cuda and not _interpreted()
-
-
-def _prec(t: Tensor) -> str:
-    """fp32 dots follow torch's matmul setting (TF32 only when torch would use it); 16-bit ignore it."""
-    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32):
-        return "ieee"
-    return "tf32"
-
-
-def _p2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
-
-
-def _device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _check_dtype(op: str, x: Tensor) -> None:

@@ -7,23 +7,12 @@ reductions gA = guᵀ dropout(x), gB = s · gyᵀ v.  The dropout mask is regene
 """
 from __future__ import annotations
 
-import torch
-
 from .. import _backend, _ext
-from .linchain import CompiledKernels
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .linchain import FLOAT_DTYPES, CompiledKernels
 
 
 def _cuda_reasons(device, dtype):
-    r = []
-    if device.type != "cuda":
-        r.append(f"CUDA kernels run on cuda tensors, not {device.type}")
-    if dtype not in _DTYPES:
-        r.append(f"CUDA kernels take float16, bfloat16, float32 or float64, not {dtype}")
-    if not _ext.cuda_loaded():
-        r.append(f"extension ntk_kernels._C_cuda not loaded ({_ext.status()['_C_cuda']['why']})")
-    return r
+    return _ext.cuda_reasons(device, dtype, dtypes=FLOAT_DTYPES)
 
 
 _backend.register("linchain", "cuda", CompiledKernels("ntk_cuda"), _cuda_reasons)

@@ -1,7 +1,9 @@
 """What every Triton backend of this package shares: the guarded import (the modules import without triton), the
-interpreter's bf16-dot workaround flag, and why a backend cannot run on a (device, dtype)."""
+interpreter's bf16-dot workaround flag, the launchers' small helpers (interpreted?, dot precision, powers of two,
+the device guard) and why a backend cannot run on a (device, dtype)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, List, Optional
 
@@ -33,6 +35,28 @@ if triton is not None:
         if UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         return tl.dot(a, b, acc, input_precision=PREC)
+
+
+def interpreted(kernel) -> bool:
+    """Whether triton.jit built ``kernel`` for the interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def dot_precision(t: torch.Tensor) -> str:
+    """fp32 dots follow torch's matmul setting (TF32 only when torch would use it); 16-bit ignore it."""
+    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def next_p2(n: int) -> int:
+    """The smallest power of two >= max(1, n) (block sizes)."""
+    return triton.next_power_of_2(max(1, n))
+
+
+def device_context(t: torch.Tensor):
+    """Launches on t's device: torch.cuda.device(t.device) for a cuda tensor, else a no-op context."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

