@@ -103,11 +103,22 @@ def select_params(model: nn.Module, params: ParamsSpec) -> List[Tuple[str, nn.Pa
     return chosen
 
 
+def _check_no_nan(name: str, t: Tensor) -> None:
+    """NaN in an input makes every kernel entry of its sample NaN: refused (±inf stays allowed: additive attention
+    masks use it)."""
+    if t.is_floating_point() or t.is_complex():
+        bad = torch.isnan(t)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name} contains NaN (first at index {idx})")
+
+
 def _check_inputs(name: str, x) -> None:
     if isinstance(x, Tensor):
         if x.ndim < 1 or x.shape[0] == 0:
             raise ValueError(f"{name} must be batched on dim 0 with at least one sample, got shape "
                              f"{tuple(x.shape)}")
+        _check_no_nan(name, x)
         return
     if not isinstance(x, Mapping):
         raise TypeError(f"{name} must be a Tensor or a mapping of tensors batched on dim 0, got "
@@ -121,6 +132,7 @@ def _check_inputs(name: str, x) -> None:
         if v.ndim < 1 or v.shape[0] == 0:
             raise ValueError(f"{name}[{k!r}] must be batched on dim 0 with at least one sample, got shape "
                              f"{tuple(v.shape)}")
+        _check_no_nan(f"{name}[{k!r}]", v)
         batches[k] = v.shape[0]
     if len(set(batches.values())) != 1:
         raise ValueError(f"{name}: every tensor must have the same batch size on dim 0, got {batches}")

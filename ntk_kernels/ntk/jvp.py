@@ -429,6 +429,8 @@ def _check_tangents(tangents, chosen, n: int, all_names) -> Tuple[Dict[str, Tens
             raise TypeError(f"tangents[{name!r}] must have the parameter's dtype {p.dtype}, got {t.dtype}")
         if t.device != p.device:
             raise ValueError(f"tangents[{name!r}] must be on the parameter's device {p.device}, got {t.device}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tangents[{name!r}] contains NaN or inf")
         out[name] = t.detach()
     return out, per
 

@@ -4,6 +4,8 @@ dilation, rectangular kernels, grouped -> fallback), per_sample_grads, the sign 
 blocks, the Gram switch, column caching) and progress."""
 import itertools
 
+import ntk_kernels
+
 import pytest
 import torch
 from torch import nn
@@ -220,3 +222,32 @@ def test_shared_ids_embedding_expansion(indexed):
     got = per_sample_grads(model, ids1, block_size=2, dtype=F64)
     for name, ref in _psg_oracle(model, ids1).items():
         assert_close(got[name], ref, F64, name=f"per_sample_grads {name}")
+
+
+def test_nan_inputs_and_tangents_are_refused():
+    """NaN in the inputs (tensor or mapping) or a NaN / inf tangent: a clear error naming it, not a NaN kernel."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(4, 3)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs1 contains NaN \(first at index \(2, 1\)\)"):
+        ntk_kernels.empirical_ntk(m, x)
+    with pytest.raises(ValueError, match=r"inputs2 contains NaN"):
+        ntk_kernels.empirical_ntk(m, torch.randn(2, 3), x)
+    with pytest.raises(ValueError, match=r"inputs contains NaN"):
+        ntk_kernels.per_sample_grads(m, x)
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, a, b):
+            return self.lin(a + b)
+
+    with pytest.raises(ValueError, match=r"inputs1\['b'\] contains NaN"):
+        ntk_kernels.empirical_ntk(Two(), {"a": torch.randn(4, 3), "b": x})
+    v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    v["2.bias"] = torch.tensor([0.0, float("inf")])
+    with pytest.raises(ValueError, match=r"tangents\['2.bias'\] contains NaN or inf"):
+        ntk_kernels.per_sample_jvp(m, torch.randn(4, 3), v)
