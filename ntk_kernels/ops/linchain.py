@@ -22,6 +22,7 @@ import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -315,6 +316,14 @@ def linchain_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
         chain = cast(chain) if chain is None or isinstance(chain, Tensor) else [cast(c) for c in chain]
     _check_inputs(x, weight, bias, lora_A, chain, lora_B, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
+    if _traced_by_func(x, weight, bias, lora_A, chain, lora_B):
+        # torch.func transforms (vmap, jacrev, jvp) and forward-mode dual tensors cannot run through a custom op's
+        # autograd: the plain-torch reference runs instead, the same function with the same dropout bits
+        if p > 0.0 and seed is None:
+            raise ValueError("linchain_linear: dropout under torch.func / forward-mode AD needs an explicit seed "
+                             "(random draws inside a transform are refused)")
+        return linchain_ref(x, weight, bias, lora_A, () if chain is None else chain, lora_B, float(scaling), p,
+                            0 if p == 0.0 else int(seed) & 0x7FFFFFFF)
     if p == 0.0:
         seed_t = torch.zeros((), dtype=torch.int64)
     elif seed is None:  # a tensor, not an int: torch.compile(fullgraph=True) traces it without a graph break
@@ -324,6 +333,15 @@ def linchain_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
     x2 = x.reshape(-1, x.shape[-1])
     y, _ = torch.ops.ntk.linchain(x2, weight, bias, lora_A, fold_chain(chain), lora_B, float(scaling), p, seed_t)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _traced_by_func(*tensors) -> bool:
+    """True under a torch.func transform or when an input is a forward-mode dual tensor (per_sample_jvp, linearize,
+    the eNTK engine's torch.func fallback): where the custom op cannot go."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    flat = [t for a in tensors for t in ((a,) if isinstance(a, Tensor) else (a or ())) if isinstance(t, Tensor)]
+    return any(fwAD.unpack_dual(t).tangent is not None for t in flat)
 
 
 def delta_weight(lora_A: Tensor, chain, lora_B: Tensor, scaling: float) -> Tensor:

@@ -411,3 +411,35 @@ def test_fuse_lora_leaves_linchain_layers_alone():
         warnings.simplefilter("error", UserWarning)
         fuse_lora(model)
     assert all(type(m) is PeftLinChainLinear for m in lora_layers(model))
+
+
+def test_entk_and_jvp_of_a_fused_peft_model_match_the_unfused_one():
+    """empirical_ntk / per_sample_jvp over a fuse_lora model, base weights selected too (their layers then go
+    through the engine's torch.func fallback, where the fused op runs its plain-torch reference), equal the same
+    quantities of the unfused peft model (peft's own layers: the engine's hooks)."""
+    import ntk_kernels
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=100, max_position_embeddings=32, num_labels=2,
+                                  attn_implementation="eager")
+    base = transformers.BertForSequenceClassification(cfg).eval().double()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()
+    ids = torch.randint(0, 100, (3, 8))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    spec = r"lora_|query\.base_layer\.weight|classifier"
+    K0 = ntk_kernels.empirical_ntk(model, x, params=spec, dtype=torch.float64)
+    names = [n for n, _ in ntk_kernels.ntk.empirical.select_params(model, spec)]
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters() if n in names}
+    f0, jv0 = ntk_kernels.per_sample_jvp(model, x, v, params=spec)
+    fuse_lora(model)
+    assert any(isinstance(m, FusedLoraLinear) for m in model.modules())
+    K = ntk_kernels.empirical_ntk(model, x, params=spec, dtype=torch.float64)
+    f, jv = ntk_kernels.per_sample_jvp(model, x, v, params=spec)
+    torch.testing.assert_close(K, K0, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(f, f0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jv, jv0, rtol=1e-9, atol=1e-12)
+    assert K0.abs().max() > 0 and jv0.abs().max() > 0

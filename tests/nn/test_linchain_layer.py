@@ -102,3 +102,67 @@ def test_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         LinChainLinear(**args)
+
+
+# ---------------------------------------------------------------------------------------- under torch.func / forward AD
+class _PlainChain(torch.nn.Module):
+    """The same layer written with plain torch ops (no ntk_kernels code): the oracle for the transforms below."""
+
+    def __init__(self, layer):
+        super().__init__()
+        for name, p in layer.named_parameters():
+            self.register_parameter(name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        self.scaling = layer.scaling
+
+    def forward(self, x):
+        h = x @ self.lora_A.t()
+        for c in getattr(self, "lora_chain", ()):
+            h = h @ c.t()
+        return x @ self.weight.t() + self.bias + self.scaling * (h @ self.lora_B.t())
+
+
+def _chain_pair(k):
+    torch.manual_seed(k)
+    layer = LinChainLinear.from_linear(torch.nn.Linear(7, 5), rank=3, chain_length=k, alpha=6).double()
+    for p in layer.parameters():
+        p.data.normal_()
+    return layer, _PlainChain(layer)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_entk_and_jvp_through_the_fused_layer(k):
+    """torch.func transforms and forward-mode dual tensors cannot run through the custom op's autograd; the layer
+    then runs its plain-torch reference: empirical_ntk (every parameter, the fallback path included),
+    per_sample_jvp and linearize agree with the same layer written in plain torch."""
+    import ntk_kernels
+    from ntk_kernels.ntk import empirical_ntk_reference
+
+    layer, plain = _chain_pair(k)
+    for m in (layer, plain):
+        m.weight.requires_grad_(True)
+    x = torch.randn(4, 7, dtype=torch.float64)
+    K = ntk_kernels.empirical_ntk(layer, x, dtype=torch.float64)
+    K0 = empirical_ntk_reference(plain, x, dtype=torch.float64)
+    torch.testing.assert_close(K, K0, rtol=1e-10, atol=1e-10)
+    assert K.abs().max() > 1
+    v = {n: torch.randn_like(p) for n, p in layer.named_parameters() if p.requires_grad}
+    f, jv = ntk_kernels.per_sample_jvp(layer, x, v)
+    state = {n: p.detach() for n, p in plain.named_parameters()}
+    f0, jv0 = torch.func.jvp(lambda s: torch.func.functional_call(plain, {**state, **s}, (x,)),
+                             ({n: state[n] for n in v},), (v,))
+    torch.testing.assert_close(f, f0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jv, jv0, rtol=1e-10, atol=1e-10)
+    lin = ntk_kernels.linearize(layer)
+    torch.testing.assert_close(lin(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_under_transforms_needs_a_seed():
+    from ntk_kernels import linchain_linear
+
+    layer, _ = _chain_pair(1)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    args = (layer.weight, layer.bias, layer.lora_A, layer.lora_chain, layer.lora_B, layer.scaling)
+    with pytest.raises(ValueError, match="needs an explicit seed"):
+        torch.func.vmap(lambda xi: linchain_linear(xi[None], *args, dropout_p=0.5, training=True))(x)
+    y = torch.func.vmap(lambda xi: linchain_linear(xi[None], *args, dropout_p=0.5, training=True, seed=3))(x)
+    assert y.shape == (3, 1, 5) and torch.isfinite(y).all()
