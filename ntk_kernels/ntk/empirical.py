@@ -435,12 +435,25 @@ class _Raw:
         """The per-sample gradients flattened, one (n, C, P_part) tensor per selected parameter, each in an order
         of its own (the same for every sample: all a Gram contraction or a sign needs).  A linear map's weight
         part is one batched GEMM (G_{n}ᵀ A_n for the C outputs at once) written where it stays, not a copy."""
-        n, C, T, d = self.G.shape
         if self.kind in ("linear", "conv2d") and self.w_sel:
-            Gt = self.G.transpose(2, 3).reshape(n, C * d, T)
-            W = torch.bmm(Gt, self.A).view(n, C, -1)  # (n, C·d, K): [n, c] = G_{n,c}ᵀ A_n, row-major (d, K)
-            return [W] + ([self.G.sum(2)] if self.b_sel else [])
+            return [self.weight_grads()] + ([self.G.sum(2)] if self.b_sel else [])
+        n, C = self.G.shape[:2]
         return [g.reshape(n, C, -1) for g in self.grads()]
+
+    def weight_numel(self) -> int:
+        n, C, T, d = self.G.shape
+        return n * C * d * self.A.shape[2]
+
+    def weight_grads(self, out: Optional[Tensor] = None) -> Tensor:
+        """A linear map's per-sample weight gradients (n, C, d·K), [n, c] = G_{n,c}ᵀ A_n row-major (d, K): one
+        batched GEMM, into ``out`` (a flat buffer of weight_numel() elements) when given."""
+        n, C, T, d = self.G.shape
+        Gt = self.G.transpose(2, 3).reshape(n, C * d, T)
+        if out is None:
+            return torch.bmm(Gt, self.A).view(n, C, -1)
+        W = out.view(n, C * d, self.A.shape[2])
+        torch.bmm(Gt, self.A, out=W)
+        return W.view(n, C, -1)
 
     def gram_ok(self) -> bool:
         return self.kind != "norm" and self.w_sel
@@ -594,8 +607,9 @@ def _raw_features(model, x, n, layers, fallback, output_fn, ct, check, expand=Tr
                     a = _norm_u(m, args, kwargs)
                 As.append(a.reshape(n, -1, a.shape[-1]))
             Gs.append(g.reshape(C, n, -1, g.shape[-1]).transpose(0, 1))
-        G = torch.cat(Gs, 2).to(ct)  # several calls of one module: their positions concatenated along T
-        A = torch.cat(As, 1)
+        # several calls of one module: their positions concatenated along T
+        G = (Gs[0] if len(Gs) == 1 else torch.cat(Gs, 2)).to(ct)
+        A = As[0] if len(As) == 1 else torch.cat(As, 1)
         if kind == "embedding":
             if m.padding_idx is not None:  # the padding row gets no gradient
                 G = G * (A != m.padding_idx)[:, None, :, None].to(ct)
@@ -633,8 +647,8 @@ def _output_grads(f: Tensor, zs: List[Tensor], C: int) -> List[Optional[Tensor]]
         gs = [g[k] for g in per_c]
         if all(g is None for g in gs):
             out.append(None)
-        else:
-            out.append(torch.stack([torch.zeros_like(z) if g is None else g for g in gs]))
+        else:  # stored sample-major, (n, C, ...), the layout the features take: (C, n, ...) is a view of it
+            out.append(torch.stack([torch.zeros_like(z) if g is None else g for g in gs], 1).transpose(0, 1))
     return out
 
 
@@ -733,29 +747,67 @@ class _Plan:
         self.cache = n2 * kept + 2 * block_size * (kept + extra) <= budget
 
 
-def _finalize(raws, plan: _Plan, kernel: str):
-    """The features a tile needs: ("gram", A, G, Σ_t G or None) or ("mat", J (n, C, P)) per module."""
+def _finalize(raws, plan: _Plan, kernel: str, lazy: bool = False):
+    """The features a tile needs: ("gram", A, G, Σ_t G or None) or ("mat", J (n, C, P)) per module; with ``lazy``
+    (features used by one tile only) a linear map's weight part stays ("lazy", raw): the tile forms its per-sample
+    gradients into a buffer shared by the layers, contracts them and moves on (no N·C·P array, no fresh pages for
+    every layer)."""
     feats = {}
     for m, raw in raws.items():
         if m == FALLBACK:
             feats[m] = ("mat", raw)
         elif plan.choice[m] == "gram":
             feats[m] = ("gram", raw.A, raw.G, raw.G.sum(2) if raw.b_sel else None)
+        elif lazy and raw.kind in ("linear", "conv2d") and raw.w_sel:
+            feats[(m, 0)] = ("lazy", raw)
+            if raw.b_sel:
+                feats[(m, 1)] = ("mat", raw.G.sum(2))
         else:
             for k, X in enumerate(raw.flat()):
                 feats[(m, k)] = ("mat", X)
     if kernel == "signgd":
-        feats = {m: ("mat", f[1].sign()) for m, f in feats.items()}
+        feats = {m: f if f[0] == "lazy" else ("mat", f[1].sign()) for m, f in feats.items()}
     return feats
+
+
+class _Buffers:
+    """Flat scratch buffers reused by the lazy layers of a tile (slot 0: the row side, slot 1: the column side)."""
+
+    def __init__(self):
+        self.bufs: Dict[int, Tensor] = {}
+
+    def get(self, slot: int, numel: int, like: Tensor) -> Tensor:
+        b = self.bufs.get(slot)
+        if b is None or b.numel() < numel or b.dtype != like.dtype:
+            b = self.bufs[slot] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return b[:numel]
+
+
+def _lazy_contract(ra: "_Raw", rb: "_Raw", same: bool, mode: str, kernel: str, bufs: _Buffers) -> Tensor:
+    X = ra.weight_grads(bufs.get(0, ra.weight_numel(), ra.G))
+    if kernel == "signgd":
+        X.sign_()
+    if same:
+        if kernel == "asymmetric_signgd":
+            return _contract(X, torch.sign(X, out=bufs.get(1, ra.weight_numel(), ra.G).view(X.shape)), mode)
+        return _contract_sym(X, mode)
+    Y = rb.weight_grads(bufs.get(1, rb.weight_numel(), rb.G))
+    if kernel in ("signgd", "asymmetric_signgd"):
+        Y.sign_()
+    return _contract(X, Y, mode)
 
 
 def _tile(f1, f2, mode, kernel):
     from ..ops.ntk_gram import gram_contract
 
     tile = 0
+    bufs = _Buffers()
     for m, a in f1.items():
         b = f2.get(m)
         if b is None:  # the layer was not reached by this block (cannot happen for same-shaped inputs)
+            continue
+        if a[0] == "lazy":
+            tile = tile + _lazy_contract(a[1], b[1], a is b, mode, kernel, bufs)
             continue
         if a[0] == "mat":
             if a is b and kernel != "asymmetric_signgd":  # a diagonal tile: K_ij = K_ji, half the products
@@ -887,7 +939,9 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
     budget = int(memory_budget) if memory_budget is not None else _free_memory(_device(inputs1))
     plan = _Plan(raws, C, fallback, strategy, kernel, mode, budget, block_size, n1, n2, torch.finfo(ct).bits // 8,
                  graph=stats.get("graph_bytes", 0) // n_probe)
-    first = _finalize(raws, plan, kernel) if whole and plan.block_size >= n1 else None
+    # one row block and one column block: every block's features serve one tile only, formed lazily there
+    single = plan.block_size >= max(n1, n2)
+    first = _finalize(raws, plan, kernel, lazy=single) if whole and plan.block_size >= n1 else None
     del raws
     bs = plan.block_size
     rows = [(i, min(i + bs, n1)) for i in range(0, n1, bs)]
@@ -904,7 +958,7 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
         raws, c = _block_raw(model, _slice(x, i0, i1), layers, fallback, output_fn, ct, expand=expand)
         if c != C:
             raise ValueError(f"output_fn gives {C} outputs on inputs1 but {c} on inputs2")
-        f = _finalize(raws, plan, kernel)
+        f = _finalize(raws, plan, kernel, lazy=single)
         if key is not None and plan.cache:
             cache[key] = f
         return f
