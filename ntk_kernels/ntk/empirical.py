@@ -20,7 +20,9 @@ module's own output with w = 1, b = 0.
 
 One forward per block of samples, with forward hooks keeping each fast-path module's input and output z; the
 gradients of all C outputs with respect to every z come from one ``torch.autograd.grad(..., is_grads_batched=True)``
-over the C one-hot cotangents.  Every other selected parameter (a weight tied across modules, a grouped
+over the C one-hot cotangents (C plain backward passes when C <= 4: cheaper than the vmapped backward).  Where a
+block's features serve a single tile (one row block and one column block), a materialised layer's per-sample
+gradients are formed inside the tile into a buffer shared by the layers and contracted at once.  Every other selected parameter (a weight tied across modules, a grouped
 convolution, a fast-path module called on a tensor not batched on dim 0, ...) gets the exact fallback: its
 per-sample Jacobian (n, C, P_rest) from torch.func (vmap of jacrev over the block's samples, or a loop over them
 where vmap fails on data-dependent control flow), contracted into the same tile.  The parameters are split, never
