@@ -314,3 +314,13 @@ def trainable_names(model: nn.Module, regex: Optional[str]) -> List[str]:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def start(args):
+    """The scripts' common start: threads, a timer, the tokenizer, the SST-2 rows and the fixed validation subset.
+    Returns (timer, tokenizer, train_rows, val_rows, val)."""
+    set_threads(args.threads)
+    timer = Timer()
+    tok = load_tokenizer()
+    train_rows, val_rows = load_sst2(args.data)
+    return timer, tok, train_rows, val_rows, subset(val_rows, args.n_val, seed=0)

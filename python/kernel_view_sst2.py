@@ -89,11 +89,7 @@ def main(argv=None):
     from ntk_kernels.analysis import gd_dynamics, kernel_classifier, kernel_regression, spectrum
 
     args = parse(argv)
-    cm.set_threads(args.threads)
-    timer = cm.Timer()
-    tok = cm.load_tokenizer()
-    train_rows, val_rows = cm.load_sst2(args.data)
-    val = cm.subset(val_rows, args.n_val, seed=0)
+    timer, tok, train_rows, val_rows, val = cm.start(args)
     kmax = max(args.k)
     acc = {}  # (k, method) -> [acc per seed]
     sweep = []

@@ -90,11 +90,7 @@ def main(argv=None):
     from ntk_kernels.analysis import lpft_decomposition, spectrum
 
     args = parse(argv)
-    cm.set_threads(args.threads)
-    timer = cm.Timer()
-    tok = cm.load_tokenizer()
-    train_rows, val_rows = cm.load_sst2(args.data)
-    val = cm.subset(val_rows, args.n_val, seed=0)
+    timer, tok, train_rows, val_rows, val = cm.start(args)
     table = {}  # (stage, column) -> [per seed]
     norms_all, checks = [], []
     for seed in range(args.seeds):

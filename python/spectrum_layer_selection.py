@@ -73,11 +73,7 @@ def main(argv=None):
     from ntk_kernels.analysis import layer_selection, spectrum
 
     args = parse(argv)
-    cm.set_threads(args.threads)
-    timer = cm.Timer()
-    tok = cm.load_tokenizer()
-    train_rows, val_rows = cm.load_sst2(args.data)
-    val = cm.subset(val_rows, args.n_val, seed=0)
+    timer, tok, train_rows, val_rows, val = cm.start(args)
     kmax = max(args.k)
     stats = {}  # (k, cand) -> {stat: [per seed]}
     accs = {}  # (k, cand) -> [per seed]

@@ -189,13 +189,22 @@ class _Fused:
         return x.ndim >= 2 and x.shape[0] == self.n
 
     # -- the replaced forwards
-    def _linear(self, m, name, kind, orig, wid, bid, *args, **kwargs):
+    def _prologue(self, m, wid, bid, args, kwargs):
+        """(x, ẋ, W, Ẇ, b, ḃ, per-sample) of a call the fused op takes, or None: the module runs its own forward
+        (a call other than module(x), or no tangent reaches it)."""
         if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
-            return orig(*args, **kwargs)
+            return None
         xp, xd = fwAD.unpack_dual(args[0])
         W, Wd, b, bd, per = self._tangents(m, wid, bid)
         if xd is None and Wd is None and bd is None:
-            return orig(*args)
+            return None
+        return xp, xd, W, Wd, b, bd, per
+
+    def _linear(self, m, name, kind, orig, wid, bid, *args, **kwargs):
+        pro = self._prologue(m, wid, bid, args, kwargs)
+        if pro is None:
+            return orig(*args, **kwargs)
+        xp, xd, W, Wd, b, bd, per = pro
         dts = {t.dtype for t in (xp, W, b, xd, Wd, bd) if t is not None}
         if len(dts) != 1:
             self._refuse(per, m, name, f"mixed dtypes {sorted(map(str, dts))}")
@@ -232,12 +241,10 @@ class _Fused:
         return fwAD.make_dual(y, Wd[rows, ids])
 
     def _norm(self, m, name, kind, orig, wid, bid, *args, **kwargs):
-        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+        pro = self._prologue(m, wid, bid, args, kwargs)
+        if pro is None:
             return orig(*args, **kwargs)
-        xp, xd = fwAD.unpack_dual(args[0])
-        W, Wd, b, bd, per = self._tangents(m, wid, bid)
-        if xd is None and Wd is None and bd is None:
-            return orig(*args)
+        xp, xd, W, Wd, b, bd, per = pro
         if m in self.norm_ok and self.norm_ok[m] is None:
             self._refuse(per, m, name, "its arithmetic is not the kernel's")
             return orig(*args)
