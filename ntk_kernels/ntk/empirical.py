@@ -522,18 +522,30 @@ def _norm_u(m: nn.Module, args, kwargs) -> Tensor:
         return torch.func.functional_call(m, state, args, kwargs)
 
 
+def _storage_key(t: Tensor):
+    """(storage address, device) of a strided tensor, None where there is no plain storage."""
+    if t.layout != torch.strided:
+        return None
+    try:
+        return t.untyped_storage().data_ptr(), t.device
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
 class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     """Counts the bytes autograd saves for the backward during a forward (each storage once): the block's graph,
     attention probabilities and all, which the layers' own features do not show."""
 
     def __init__(self, model: nn.Module):
         # the parameters and buffers are saved too, but do not grow with the block
-        self.seen = {(t.untyped_storage().data_ptr(), t.device) for t in (*model.parameters(), *model.buffers())}
+        self.seen = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
         self.nbytes = 0
 
         def pack(t):
-            key = (t.untyped_storage().data_ptr(), t.device)
-            if key not in self.seen:
+            key = _storage_key(t)
+            if key is None:  # sparse, nested, a wrapper subclass: no storage to share, count its elements
+                self.nbytes += t.numel() * t.element_size()
+            elif key not in self.seen:
                 self.seen.add(key)
                 self.nbytes += t.untyped_storage().nbytes()
             return t
@@ -561,6 +573,12 @@ def _raw_features(model, x, n, layers, fallback, output_fn, ct, check, expand=Tr
     C = f.shape[1]
     used = [m for m in layers if sites.calls[m]]
     if not f.requires_grad or not (used or fallback):
+        # this block does not reach the selected parameters (a data-dependent branch?): zero gradients; the probe
+        # of empirical_ntk says so in stats (the call fails only if no block reaches them)
+        if stats is not None:
+            stats["unreached"] = True
+        if not check or stats is not None:
+            return {}, C
         raise ValueError("params: the model's output does not depend on the selected parameters")
     unbatched = [m for m in used for args, _, z in sites.calls[m]
                  if not isinstance(z, Tensor) or z.shape[0] != n or not args or args[0].shape[0] != n]
@@ -586,6 +604,10 @@ def _raw_features(model, x, n, layers, fallback, output_fn, ct, check, expand=Tr
         return raws, C
     grads = _output_grads(f, zs, C)
     if all(g is None for g in grads) and not fallback:
+        if stats is not None:
+            stats["unreached"] = True
+        if not check or stats is not None:
+            return {}, C
         raise ValueError("params: the model's output does not depend on the selected parameters")
     k = 0
     failed = []
@@ -708,17 +730,11 @@ class _Plan:
     whether every column block's features are kept (each block's forward then runs once)."""
 
     def __init__(self, raws, C, fallback, strategy, kernel, mode, budget, block_size, n1, n2, es, graph=0):
+        self.strategy, self.kernel, self.mode, self.n_other = strategy, kernel, mode, min(n1, n2)
         self.choice = {}
         for m, raw in raws.items():
-            if m == FALLBACK:
-                continue
-            if kernel != "sgd" or not raw.gram_ok():
-                self.choice[m] = "mat"  # sign kernels need the gradients themselves
-            elif strategy in ("gram", "materialize"):
-                self.choice[m] = "gram" if strategy == "gram" else "mat"
-            else:
-                g, mat = raw.costs(mode, min(n1, n2))
-                self.choice[m] = "gram" if g <= mat else "mat"
+            if m != FALLBACK:
+                self.decide(m, raw)
         p_rest = sum(p.numel() for _, p in fallback)
         rest = 2 * C * p_rest * es  # the fallback's Jacobian and torch.func's intermediate
 
@@ -749,6 +765,21 @@ class _Plan:
         self.cache = n2 * kept + 2 * block_size * (kept + extra) <= budget
 
 
+def _decide(plan: "_Plan", m, raw) -> str:
+    """Gram trick or materialised gradients for module m (cheaper multiply-adds; sign kernels need the gradients)."""
+    if plan.kernel != "sgd" or not raw.gram_ok():
+        plan.choice[m] = "mat"
+    elif plan.strategy in ("gram", "materialize"):
+        plan.choice[m] = "gram" if plan.strategy == "gram" else "mat"
+    else:
+        g, mat = raw.costs(plan.mode, plan.n_other)
+        plan.choice[m] = "gram" if g <= mat else "mat"
+    return plan.choice[m]
+
+
+_Plan.decide = _decide
+
+
 def _finalize(raws, plan: _Plan, kernel: str, lazy: bool = False):
     """The features a tile needs: ("gram", A, G, Σ_t G or None) or ("mat", J (n, C, P)) per module; with ``lazy``
     (features used by one tile only) a linear map's weight part stays ("lazy", raw): the tile forms its per-sample
@@ -758,7 +789,7 @@ def _finalize(raws, plan: _Plan, kernel: str, lazy: bool = False):
     for m, raw in raws.items():
         if m == FALLBACK:
             feats[m] = ("mat", raw)
-        elif plan.choice[m] == "gram":
+        elif (plan.choice.get(m) or plan.decide(m, raw)) == "gram":  # a module the probe block did not reach
             feats[m] = ("gram", raw.A, raw.G, raw.G.sum(2) if raw.b_sel else None)
         elif lazy and raw.kind in ("linear", "conv2d") and raw.w_sel:
             feats[(m, 0)] = ("lazy", raw)
@@ -954,12 +985,15 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
     if first is not None and inputs2 is None:
         cache[0] = first
 
+    reached = [not stats.get("unreached", False)]
+
     def features(x, i0, i1, key=None):
         if key is not None and key in cache:
             return cache[key]
         raws, c = _block_raw(model, _slice(x, i0, i1), layers, fallback, output_fn, ct, expand=expand)
         if c != C:
             raise ValueError(f"output_fn gives {C} outputs on inputs1 but {c} on inputs2")
+        reached[0] = reached[0] or bool(raws)
         f = _finalize(raws, plan, kernel, lazy=single)
         if key is not None and plan.cache:
             cache[key] = f
@@ -975,6 +1009,8 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
                 continue
             fj = fi if (inputs2 is None and bj == bi) else features(x2, j0, j1, key=bj)
             tile = _tile(fi, fj, mode, kernel)
+            if not isinstance(tile, Tensor):  # no selected parameter reached by both blocks
+                tile = torch.zeros_like(K[i0:i1, j0:j1])
             if symmetric and bj == bi:  # exactly symmetric despite rounding (float addition commutes)
                 tile = 0.5 * (tile + _mirror(tile, mode))
             K[i0:i1, j0:j1] = tile
@@ -983,6 +1019,8 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
             done += 1
             if show is not None:
                 show(done, total)
+    if not reached[0]:
+        raise ValueError("params: the model's output does not depend on the selected parameters")
     return K.to(dtype)
 
 

@@ -318,10 +318,15 @@ def linchain_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
     p = float(dropout_p) if training else 0.0
     if _traced_by_func(x, weight, bias, lora_A, chain, lora_B):
         # torch.func transforms (vmap, jacrev, jvp) and forward-mode dual tensors cannot run through a custom op's
-        # autograd: the plain-torch reference runs instead, the same function with the same dropout bits
+        # autograd: the plain-torch reference runs instead, the same function with the same dropout bits.  Under a
+        # torch.func transform the mask's rows would be counted per vmapped sample, not as in the plain call:
+        # dropout is refused there (evaluate with training=False / model.eval())
+        if p > 0.0 and torch._C._are_functorch_transforms_active():
+            raise ValueError("linchain_linear: dropout (training=True, dropout_p > 0) cannot run under torch.func "
+                             "transforms (vmap / jacrev / jvp): call model.eval() or pass training=False")
         if p > 0.0 and seed is None:
-            raise ValueError("linchain_linear: dropout under torch.func / forward-mode AD needs an explicit seed "
-                             "(random draws inside a transform are refused)")
+            raise ValueError("linchain_linear: dropout under forward-mode AD needs an explicit seed (the same mask "
+                             "as the plain call)")
         return linchain_ref(x, weight, bias, lora_A, () if chain is None else chain, lora_B, float(scaling), p,
                             0 if p == 0.0 else int(seed) & 0x7FFFFFFF)
     if p == 0.0:

@@ -156,13 +156,22 @@ def test_entk_and_jvp_through_the_fused_layer(k):
     torch.testing.assert_close(lin(x), plain(x), rtol=1e-12, atol=1e-12)
 
 
-def test_dropout_under_transforms_needs_a_seed():
+def test_dropout_under_transforms():
+    """Under torch.func transforms dropout is refused (a vmapped call would number the mask's rows per sample);
+    under forward-mode dual tensors it needs a seed and then uses the plain call's mask."""
+    import torch.autograd.forward_ad as fwAD
+
     from ntk_kernels import linchain_linear
 
     layer, _ = _chain_pair(1)
     x = torch.randn(3, 7, dtype=torch.float64)
     args = (layer.weight, layer.bias, layer.lora_A, layer.lora_chain, layer.lora_B, layer.scaling)
-    with pytest.raises(ValueError, match="needs an explicit seed"):
-        torch.func.vmap(lambda xi: linchain_linear(xi[None], *args, dropout_p=0.5, training=True))(x)
-    y = torch.func.vmap(lambda xi: linchain_linear(xi[None], *args, dropout_p=0.5, training=True, seed=3))(x)
-    assert y.shape == (3, 1, 5) and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="cannot run under torch.func"):
+        torch.func.vmap(lambda xi: linchain_linear(xi[None], *args, dropout_p=0.5, training=True, seed=3))(x)
+    plain = linchain_linear(x, *args, dropout_p=0.5, training=True, seed=3)
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(ValueError, match="needs an explicit seed"):
+            linchain_linear(xd, *args, dropout_p=0.5, training=True)
+        y = fwAD.unpack_dual(linchain_linear(xd, *args, dropout_p=0.5, training=True, seed=3))[0]
+    torch.testing.assert_close(y, plain.detach(), rtol=1e-12, atol=1e-12)

@@ -251,3 +251,61 @@ def test_nan_inputs_and_tangents_are_refused():
     v["2.bias"] = torch.tensor([0.0, float("inf")])
     with pytest.raises(ValueError, match=r"tangents\['2.bias'\] contains NaN or inf"):
         ntk_kernels.per_sample_jvp(m, torch.randn(4, 3), v)
+
+
+class _Branchy(nn.Module):
+    """A layer used only for samples with x[:, 0] > 5, and called only when the block holds one (a data-dependent
+    branch; each sample's output depends on that sample alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.extra = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        mask = (x[:, :1] > 5).to(x.dtype)
+        if bool(mask.any()):
+            y = y + mask * self.extra(x)
+        return y
+
+
+@pytest.mark.parametrize("strategy", ["auto", "gram", "materialize"])
+def test_layers_reached_by_later_blocks_only(strategy):
+    """A fast-path layer the probe block never reaches, and blocks that reach no selected layer at all: exact."""
+    torch.manual_seed(0)
+    m = _Branchy().double()
+    dt = torch.float64
+    x1, x2 = torch.randn(4, 3, dtype=dt), torch.randn(4, 3, dtype=dt)
+    x2[2, 0] = 9.0
+    K = empirical_ntk(m, x1, x2, strategy=strategy, dtype=dt)
+    torch.testing.assert_close(K, empirical_ntk_reference(m, x1, x2, dtype=dt), rtol=1e-10, atol=1e-12)
+    x = torch.randn(20, 3, dtype=dt)
+    x[19, 0] = 9.0
+    K = empirical_ntk(m, x, strategy=strategy, block_size=4, dtype=dt)
+    torch.testing.assert_close(K, empirical_ntk_reference(m, x, dtype=dt), rtol=1e-10, atol=1e-12)
+    # only "extra" selected: the first blocks reach nothing, the last one does
+    K = empirical_ntk(m, x, params=r"^extra\.", strategy=strategy, block_size=4, dtype=dt)
+    K0 = empirical_ntk_reference(m, x, params=r"^extra\.", dtype=dt)
+    torch.testing.assert_close(K, K0, rtol=1e-10, atol=1e-12)
+    assert K0.abs().max() > 0
+
+
+def test_sparse_tensors_in_the_graph():
+    """The probe's saved-tensor count copes with sparse tensors saved by autograd."""
+    torch.manual_seed(0)
+    dt = torch.float64
+
+    class S(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2)
+            self.register_buffer("A", torch.eye(4, dtype=dt).to_sparse())
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(torch.sparse.mm(self.A, h.t()).t())
+
+    m, x = S().double(), torch.randn(5, 3, dtype=dt)
+    torch.testing.assert_close(empirical_ntk(m, x, dtype=dt), oracle(m, x), rtol=1e-10, atol=1e-12)

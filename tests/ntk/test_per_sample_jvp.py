@@ -476,3 +476,58 @@ def test_sdpa_attention_error_names_eager():
 def test_public_api():
     assert ntk_kernels.per_sample_jvp is per_sample_jvp
     assert "per_sample_jvp" in ntk_kernels.__all__ and "per_sample_jvp" in ntk_kernels.ntk.__all__
+
+
+class _T5Norm(nn.Module):
+    """An RMS norm named like a LayerNorm (T5): the engine tries both kernel forms."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, h):
+        return self.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+_T5Norm.__name__ = "T5LayerNorm"
+
+
+def test_norm_form_not_fooled_by_zero_mean_rows():
+    """On rows of mean zero LayerNorm and RMSNorm give the same output: the form must still be the module's (its
+    tangent and later calls differ), and an empty input is no error."""
+    torch.manual_seed(0)
+    dt = torch.float64
+
+    class TZ(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n = _T5Norm(5)
+            self.l = nn.Linear(5, 5)
+
+        def forward(self, x):
+            h = self.n(x - x.mean(-1, keepdim=True))
+            return self.n(self.l(h) + 1.0)
+
+    m = TZ().double()
+    x = torch.randn(4, 5, dtype=dt)
+    v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    f, jv = per_sample_jvp(m, x, v)
+    state = {n: p.detach() for n, p in m.named_parameters()}
+    f0, jv0 = torch.func.jvp(lambda s: torch.func.functional_call(m, s, (x,)), (state,), (v,))
+    torch.testing.assert_close(f, f0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(jv, jv0, rtol=1e-10, atol=1e-12)
+
+    class Empty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 5)
+            self.ln = nn.LayerNorm(5)
+
+        def forward(self, x):
+            return self.ln(self.l(x)).sum(1)
+
+    e = Empty().double()
+    ve = {n: torch.randn_like(p) for n, p in e.named_parameters()}
+    f, jv = per_sample_jvp(e, torch.randn(3, 0, 4, dtype=dt), ve)
+    assert f.shape == (3, 5) and jv.shape == (3, 5) and not jv.abs().any()
