@@ -224,9 +224,13 @@ def _device(spec: str, distributed: bool) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0)
         return torch.device("cpu")
     try:
-        return torch.device(spec)
+        dev = torch.device(spec)
     except RuntimeError as e:
         raise CliError(f"--device: {e}") from e
+    if distributed and dev.type == "cuda" and dev.index is None:
+        # under torchrun each rank takes its own GPU (torch.cuda.set_device needs an index)
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
 
 
 def _slice(x, n):
@@ -322,21 +326,17 @@ def _compute(args) -> int:
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         try:
+            # .npy: written in place by every rank into a hidden partial file, renamed to --out once complete
             npy = args.out is not None and args.out.endswith(".npy")
-            tmp = None
-            if npy:  # written in place by every rank; renamed into place once complete
-                tmp = _partial(args.out)
             # with a workdir the tile size must not depend on the world size (a resume may have another one)
             tile = args.tile_size or (DEFAULT_TILE if args.workdir else None)
-            K = dntk.empirical_ntk(model, x1, x2, tile_size=tile, out=tmp, workdir=args.workdir,
-                                   progress=progress, **engine)
+            K = dntk.empirical_ntk(model, x1, x2, tile_size=tile, out=args.out if npy else None,
+                                   workdir=args.workdir, progress=progress, **engine)
             if dist.get_rank() == 0:
                 shape = tuple(K.shape)
-                if npy:
-                    del K
-                    _finish(tmp, args.out)
-                elif args.out is not None:
+                if args.out is not None and not npy:
                     save_result(K, args.out)
+                del K
                 _report(shape, args, model)
         finally:
             dist.destroy_process_group()
@@ -345,13 +345,12 @@ def _compute(args) -> int:
     if args.workdir is not None or args.tile_size is not None:
         tile = args.tile_size or DEFAULT_TILE
         npy = args.out is not None and args.out.endswith(".npy")
-        tmp = _partial(args.out) if npy else None  # tiles go straight into the .npy (memmap), renamed when complete
+        # .npy: the tiles go straight into a hidden partial .npy (memmap), renamed to --out once complete
         K = _tiles.compute_ntk_tiled(model, x1, x2, workdir=args.workdir, tile_size=tile, progress=progress,
-                                     out=tmp, **engine)
+                                     out=args.out if npy else None, **engine)
         if npy:
             shape = tuple(K.shape)
             del K
-            _finish(tmp, args.out)
             _report(shape, args, model)
             return 0
     else:
@@ -360,20 +359,6 @@ def _compute(args) -> int:
         save_result(K, args.out)
     _report(tuple(K.shape), args, model)
     return 0
-
-
-def _partial(out: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.partial.npy")
-
-
-def _finish(tmp: str, out: str) -> None:
-    """fsync the complete .npy written in place, then rename it to ``out``."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, out)
 
 
 def _report(shape, args, model) -> None:

@@ -10,7 +10,8 @@ The store is a directory:
 
     manifest.json        N1, N2, C, mode, kernel, dtype, tile size, symmetric, and the sha256 fingerprints of the
                          model (its state_dict: names, dtypes, shapes, bytes; the names of the selected
-                         parameters) and of the inputs; a resume whose fingerprints or settings differ is refused
+                         parameters) and of the inputs, and output_fn's name and outputs on the first sample; a
+                         resume whose fingerprints or settings differ is refused
     tile_r{ti}_c{tj}.pt  one finished tile (torch.save), written to a temporary file in the same directory,
                          fsync'ed, then os.replace'd into place: a job killed at any moment (SIGINT, SIGKILL)
                          leaves only complete tiles (and perhaps a ``.tmp`` file, removed on the next open)
@@ -84,11 +85,53 @@ def is_symmetric(inputs2, kernel: str) -> bool:
     return inputs2 is None and kernel != "asymmetric_signgd"
 
 
-def num_outputs(model: nn.Module, inputs, output_fn: Optional[Callable]) -> int:
-    """C, from one forward on the first sample (no graph)."""
+def probe_outputs(model: nn.Module, inputs, output_fn: Optional[Callable]) -> Tensor:
+    """The (1, C) outputs (after ``output_fn``) of one forward on the first sample (no graph)."""
     with torch.no_grad():
         out = _engine._call(model, _engine._slice(inputs, 0, 1))
-        return _engine._outputs(out, output_fn, 1).shape[1]
+        return _engine._outputs(out, output_fn, 1)
+
+
+def num_outputs(model: nn.Module, inputs, output_fn: Optional[Callable]) -> int:
+    """C, from one forward on the first sample (no graph)."""
+    return probe_outputs(model, inputs, output_fn).shape[1]
+
+
+# the output_fn fingerprint keeps at most this many probe values (evenly spaced) besides their sum and |sum|
+_PROBE_VALUES = 64
+# relative tolerance of the probe comparison: a resume on another device / BLAS rounds the forward differently
+_PROBE_RTOL = 1e-3
+
+
+def output_fn_fingerprint(output_fn: Optional[Callable], probe: Tensor) -> Optional[dict]:
+    """What a resume must match of ``output_fn``: its qualified name and its behaviour, the probe outputs
+    ``output_fn(model(first sample))`` (their shape, up to 64 values, their sum and absolute sum).  The values are
+    compared with a tolerance (``same_output_fn``), not hashed: the same job resumed on another device or BLAS
+    rounds the forward differently, while another function gives other outputs."""
+    if output_fn is None:
+        return None
+    v = probe.detach().reshape(-1).double().cpu()
+    idx = torch.linspace(0, max(v.numel() - 1, 0), min(v.numel(), _PROBE_VALUES)).round().long()
+    return {"qualname": getattr(output_fn, "__qualname__", type(output_fn).__qualname__),
+            "shape": list(probe.shape), "values": v[idx].tolist(), "sum": v.sum().item(),
+            "abs_sum": v.abs().sum().item()}
+
+
+def same_output_fn(stored, now) -> bool:
+    """Whether two ``output_fn_fingerprint`` s describe the same function (probe values within _PROBE_RTOL)."""
+    if stored is None or now is None or not isinstance(stored, dict):
+        return stored == now
+    if stored.get("qualname") != now["qualname"] or stored.get("shape") != now["shape"]:
+        return False
+    try:
+        a = torch.tensor(list(stored["values"]) + [stored["sum"], stored["abs_sum"]], dtype=torch.float64)
+    except (KeyError, TypeError, ValueError):
+        return False
+    b = torch.tensor(now["values"] + [now["sum"], now["abs_sum"]], dtype=torch.float64)
+    if a.shape != b.shape:
+        return False
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    return bool(torch.allclose(a, b, rtol=_PROBE_RTOL, atol=_PROBE_RTOL * scale, equal_nan=True))
 
 
 def tile_grid(n1: int, n2: int, tile_size: int, symmetric: bool) -> List[Tile]:
@@ -171,11 +214,12 @@ def job_manifest(model, inputs1, inputs2, tile_size: int, settings: dict) -> dic
     n1 = _engine._batch(inputs1)
     n2 = n1 if inputs2 is None else _engine._batch(inputs2)
     out_fn = settings["output_fn"]
+    probe = probe_outputs(model, inputs1, out_fn)
     return {
-        "format": FORMAT, "N1": n1, "N2": n2, "C": num_outputs(model, inputs1, out_fn),
+        "format": FORMAT, "N1": n1, "N2": n2, "C": probe.shape[1],
         "mode": settings["mode"], "kernel": settings["kernel"], "dtype": _dtype_name(settings["dtype"]),
         "tile_size": tile_size, "symmetric": is_symmetric(inputs2, settings["kernel"]),
-        "output_fn": None if out_fn is None else getattr(out_fn, "__qualname__", repr(out_fn)),
+        "output_fn": output_fn_fingerprint(out_fn, probe),
         "model_fingerprint": model_fingerprint(model, settings["params"]),
         "inputs_fingerprint": inputs_fingerprint(inputs1, inputs2),
         # recorded, not checked: they change rounding, not the kernel
@@ -249,7 +293,13 @@ class TileStore:
             raise TileStoreMismatch(f"workdir {self.path!r}: cannot read {MANIFEST} ({e})") from e
         diffs = []
         for k, v in self.manifest.items():
-            if k != "info" and stored.get(k) != v:
+            if k == "info":
+                continue
+            if k == "output_fn":
+                if not same_output_fn(stored.get(k), v):
+                    diffs.append(f"output_fn: stored {stored.get(k)!r}, now {v!r} (another function, or one giving "
+                                 f"other outputs on the first sample)")
+            elif stored.get(k) != v:
                 diffs.append(f"{k}: stored {stored.get(k)!r}, now {v!r}")
         if diffs:
             what = "; ".join(diffs)
@@ -372,6 +422,31 @@ def open_npy(path: str, shape, dtype: torch.dtype):
                        shape=tuple(shape))
 
 
+def partial_path(out) -> str:
+    """The hidden file a .npy result is written into before it is complete (the same name on every rank)."""
+    out = os.fspath(out)
+    return os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.partial.npy")
+
+
+def finish_npy(tmp: str, out) -> None:
+    """fsync the complete .npy written in place at ``tmp``, then rename it to ``out`` (and fsync the directory):
+    ``out`` appears only once complete."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.fspath(out))
+    _fsync_dir(os.path.dirname(os.path.abspath(os.fspath(out))))
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def check_npy_path(path, dtype: torch.dtype) -> None:
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".npy"):
         raise ValueError(f"out must be a path ending in .npy, got {path!r}")
@@ -397,8 +472,9 @@ def compute_ntk_tiled(model: nn.Module, inputs1, inputs2=None, *, workdir: Optio
                tile_size raise ``TileStoreMismatch``.  None: no store (the tiles are only kept in memory).
     tile_size  samples per tile side (positive int); the engine picks its own block size inside a tile.
     progress   True: a tqdm bar (or a stderr line without tqdm); a callable gets (tiles done, tiles total).
-    out        None: return a Tensor; a path ending in .npy: the tiles are written into a new .npy (memmap,
-               for kernels larger than RAM) and a read-only numpy memmap of it is returned.
+    out        None: return a Tensor; a path ending in .npy: the tiles are written into a hidden partial .npy next
+               to it (memmap, for kernels larger than RAM), renamed to ``out`` once complete (a failed or killed
+               job leaves no ``out``), and a read-only numpy memmap of it is returned.
     engine_kwargs  params, mode, kernel, output_fn, block_size, memory_budget, strategy, dtype of the engine.
     """
     check_tile_size(tile_size)
@@ -417,13 +493,19 @@ def compute_ntk_tiled(model: nn.Module, inputs1, inputs2=None, *, workdir: Optio
     shape = kernel_shape(manifest["N1"], manifest["N2"], manifest["C"], manifest["mode"])
     if out is None:
         K = torch.empty(shape, dtype=settings["dtype"], device=_engine._device(inputs1))
-    else:
-        K = open_npy(out, shape, settings["dtype"])
-    for t, value in run_tiles(model, inputs1, inputs2, tiles, symmetric, settings, store, progress):
-        place(K, t, value, symmetric, manifest["mode"])
-    if out is None:
+        for t, value in run_tiles(model, inputs1, inputs2, tiles, symmetric, settings, store, progress):
+            place(K, t, value, symmetric, manifest["mode"])
         return K
-    K.flush()
-    del K
+    tmp = partial_path(out)
+    try:
+        K = open_npy(tmp, shape, settings["dtype"])
+        for t, value in run_tiles(model, inputs1, inputs2, tiles, symmetric, settings, store, progress):
+            place(K, t, value, symmetric, manifest["mode"])
+        K.flush()
+        del K
+        finish_npy(tmp, out)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
     import numpy as np
     return np.load(os.fspath(out), mmap_mode="r")

@@ -90,8 +90,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _quantile(values: List[float], q: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q * len(v)))]
+    """The q-quantile, linearly interpolated between order statistics (numpy's default, as triton's do_bench):
+    the median of an even count is the mean of the two middle values."""
+    import numpy as np
+
+    if not len(values):
+        raise ValueError("_quantile: values must be non-empty")
+    return float(np.quantile(np.asarray(values, dtype=np.float64), q))
 
 
 def time_calls(fns: Dict[str, Callable[[], object]], ours: str, ctx: Context) -> Dict[str, dict]:

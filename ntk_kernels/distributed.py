@@ -11,11 +11,12 @@ coordination is needed to compute.  Every rank calls the engine on its own tiles
 
   out=None       rank 0 receives every rank's tiles (point to point, one message a rank) and returns K; the other
                  ranks return None;
-  out="K.npy"    rank 0 creates one .npy file of K's shape (numpy.lib.format.open_memmap) before a barrier, every
-                 rank writes its tiles into it through a memmap (the rows of K never pass through one host's
-                 memory), and rank 0 returns a read-only numpy memmap of it (the others None).  Across hosts the
-                 path must be on a shared filesystem that keeps concurrent writes to one file coherent
-                 (Lustre, GPFS; not NFS): otherwise use ``workdir`` and out=None.
+  out="K.npy"    rank 0 creates one hidden partial .npy file of K's shape next to it (numpy.lib.format.open_memmap)
+                 before a barrier, every rank writes its tiles into it through a memmap (the rows of K never pass
+                 through one host's memory), and once every rank has finished rank 0 renames it to K.npy (a failed
+                 or killed job leaves no K.npy) and returns a read-only numpy memmap of it (the others None).
+                 Across hosts the path must be on a shared filesystem that keeps concurrent writes to one file
+                 coherent (Lustre, GPFS; not NFS): otherwise use ``workdir`` and out=None.
 
 ``workdir`` makes the job resumable: each rank writes its finished tiles (atomically) into the tile store of
 ``ntk_kernels._tiles`` and, rerun, loads them instead of computing them.
@@ -98,10 +99,18 @@ def _cheap_model_digest(model: nn.Module, params) -> bytes:
     return h.digest()
 
 
-def _comm_device(dist, group) -> torch.device:
-    if "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _comm_device(dist, group, inputs=None) -> torch.device:
+    """Where the collectives' tensors live: the CPU for gloo; for NCCL the inputs' GPU (each rank's model and inputs
+    are on its own GPU, whatever the current device), else the current one."""
+    if "nccl" not in str(dist.get_backend(group)).lower():
+        return torch.device("cpu")
+    try:
+        d = _engine._device(inputs)
+    except Exception:  # noqa: BLE001 - bad inputs are reported by the argument checks (on every rank)
+        d = None
+    if d is not None and d.type == "cuda":
+        return d if d.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _agree(dist, group, device, err: Optional[BaseException], digest: bytes = b"") -> None:
@@ -129,6 +138,16 @@ def _agree(dist, group, device, err: Optional[BaseException], digest: bytes = b"
                          f"values or input values differ); every rank must pass the same")
 
 
+def _agree_or_drop(dist, group, device, err, rank: int, tmp: Optional[str]) -> None:
+    """``_agree``; when it raises, rank 0 removes the partial .npy ``tmp`` (no half-written result is left)."""
+    try:
+        _agree(dist, group, device, err)
+    except BaseException:
+        if rank == 0 and tmp is not None:
+            _tiles.remove_quietly(tmp)
+        raise
+
+
 def _wire(t: Tensor) -> Tensor:
     """A view the backends can send: bfloat16 travels bit for bit as int16."""
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
@@ -147,8 +166,9 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, *, tile_size: Optiona
     tile_size  samples per tile side (positive int); default: the largest giving every rank at least 2 tiles.
     group      the process group (default: the world).
     out        None: K gathered on rank 0 (a Tensor on inputs1's device), None returned on the others.  A path
-               ending in .npy: every rank writes its tiles into that one file (created by rank 0), rank 0
-               returns numpy.load(out, mmap_mode="r"), the others None.
+               ending in .npy: every rank writes its tiles into one hidden partial file next to it (created by
+               rank 0, renamed to ``out`` by rank 0 once every rank has finished), rank 0 returns
+               numpy.load(out, mmap_mode="r"), the others None.
     workdir    a tile store directory (see ``ntk_kernels._tiles.compute_ntk_tiled``): finished tiles are kept on
                disk by each rank and a rerun with the same job resumes; a different job is refused.
     progress   True: a bar of rank 0's tiles; a callable (done, total) is called on every rank for its tiles.
@@ -159,7 +179,7 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, *, tile_size: Optiona
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         raise ValueError("group: this process is not a member of the process group it was given")
-    device = _comm_device(dist, group)
+    device = _comm_device(dist, group, inputs1)
 
     err, digest, info = None, b"", None
     try:
@@ -210,18 +230,23 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, *, tile_size: Optiona
 
     shape = _tiles.kernel_shape(n1, n2, C, mode)
     K = None
+    tmp = None if out is None else _tiles.partial_path(out)
     if out is not None:
         err = None
         if rank == 0:
             try:
-                mm = _tiles.open_npy(out, shape, settings["dtype"])
+                mm = _tiles.open_npy(tmp, shape, settings["dtype"])
                 mm.flush()
                 del mm
             except Exception as e:  # noqa: BLE001
                 err = e
-        _agree(dist, group, device, err)  # the file exists for everyone after this
+        _agree(dist, group, device, err)  # the partial file exists for everyone after this
         import numpy as np
-        K = np.load(os.fspath(out), mmap_mode="r+")
+        try:
+            K = np.load(tmp, mmap_mode="r+")
+        except Exception as e:  # noqa: BLE001
+            err = e
+        _agree_or_drop(dist, group, device, err, rank, tmp)
 
     show = progress if (callable(progress) and not isinstance(progress, bool)) else (bool(progress) and rank == 0)
     values: List[Tensor] = []
@@ -237,10 +262,18 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, *, tile_size: Optiona
             K.flush()
     except Exception as e:  # noqa: BLE001
         err = e
-    _agree(dist, group, device, err)  # every rank's tiles are finished (and, for out, flushed) after this
+    # every rank's tiles are finished (and, for out, flushed) after this
+    _agree_or_drop(dist, group, device, err, rank, tmp)
 
     if out is not None:
         del K
+        err = None
+        if rank == 0:  # complete: the partial file becomes ``out``
+            try:
+                _tiles.finish_npy(tmp, out)
+            except Exception as e:  # noqa: BLE001
+                err = e
+        _agree_or_drop(dist, group, device, err, rank, tmp)
         import numpy as np
         return np.load(os.fspath(out), mmap_mode="r") if rank == 0 else None
 
@@ -253,21 +286,37 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, *, tile_size: Optiona
     def global_rank(r):
         return r if group is None else dist.get_global_rank(group, r)
 
-    if rank != 0:
-        if values:
-            buf = torch.cat([v.reshape(-1) for v in values]).to(device)
-            dist.send(_wire(buf).contiguous(), dst=global_rank(0), group=group)
-        return None
-    K = torch.empty(shape, dtype=dtype, device=_engine._device(inputs1))
-    for t, v in zip(mine, values):
-        _tiles.place(K, t, v, symmetric, mode)
-    for src in range(1, world):
-        sizes = [numel(t) for t in owned[src]]
-        if not sizes:
-            continue
-        buf = torch.empty(sum(sizes), dtype=dtype, device=device)
-        dist.recv(_wire(buf), src=global_rank(src), group=group)
-        for t, v in zip(owned[src], torch.split(buf, sizes)):
-            (r0, r1), (c0, c1) = t[2], t[3]
-            _tiles.place(K, t, v.reshape(_tiles.kernel_shape(r1 - r0, c1 - c0, C, mode)), symmetric, mode)
-    return K
+    # the messages are prepared first and the ranks agree before any send / recv, so a rank that fails to build
+    # its message cannot leave rank 0 waiting in recv; a failure while passing them is shared afterwards
+    err, buf, K = None, None, None
+    try:
+        if rank != 0:
+            if values:  # tiles loaded from the store are on the CPU, computed ones on the compute device
+                buf = _wire(torch.cat([v.to(device).reshape(-1) for v in values])).contiguous()
+        else:
+            K = torch.empty(shape, dtype=dtype, device=_engine._device(inputs1))
+            for t, v in zip(mine, values):
+                _tiles.place(K, t, v, symmetric, mode)
+    except Exception as e:  # noqa: BLE001
+        err = e
+    _agree(dist, group, device, err)
+
+    err = None
+    try:
+        if rank != 0:
+            if buf is not None:
+                dist.send(buf, dst=global_rank(0), group=group)
+        else:
+            for src in range(1, world):
+                sizes = [numel(t) for t in owned[src]]
+                if not sizes:
+                    continue
+                buf = torch.empty(sum(sizes), dtype=dtype, device=device)
+                dist.recv(_wire(buf), src=global_rank(src), group=group)
+                for t, v in zip(owned[src], torch.split(buf, sizes)):
+                    (r0, r1), (c0, c1) = t[2], t[3]
+                    _tiles.place(K, t, v.reshape(_tiles.kernel_shape(r1 - r0, c1 - c0, C, mode)), symmetric, mode)
+    except Exception as e:  # noqa: BLE001
+        err = e
+    _agree(dist, group, device, err)
+    return K if rank == 0 else None

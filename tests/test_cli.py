@@ -152,6 +152,26 @@ def test_peak_memory_sees_a_64mib_allocation():
     assert bench.peak_memory_bytes(lambda: None, torch.device("cpu")) < 8 * mib
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 7, 10])
+def test_bench_quantile_is_interpolated(n):
+    """Medians and quartiles interpolate between order statistics (an even count's median is the mean of the two
+    middle values), checked against the statistics module (its 'inclusive' method is numpy's linear one)."""
+    import statistics
+
+    g = torch.Generator().manual_seed(n)
+    vals = (torch.rand(n, generator=g, dtype=torch.float64) * 10 + 1).tolist()
+    if n == 1:
+        assert bench._quantile(vals, 0.5) == pytest.approx(vals[0])
+        return
+    q25, q50, q75 = statistics.quantiles(vals, n=4, method="inclusive")
+    assert bench._quantile(vals, 0.5) == pytest.approx(statistics.median(vals), rel=1e-12)
+    assert bench._quantile(vals, 0.5) == pytest.approx(q50, rel=1e-12)
+    assert bench._quantile(vals, 0.25) == pytest.approx(q25, rel=1e-12)
+    assert bench._quantile(vals, 0.75) == pytest.approx(q75, rel=1e-12)
+    if n == 2:  # the mean of the two, not the larger
+        assert bench._quantile([1.0, 3.0], 0.5) == 2.0
+
+
 def test_plot(tmp_path, capsys):
     png = tmp_path / "r.png"
     args = ["bench", "--tiny", "--only", "linear_jvp", "--plot", str(png), "--quiet"]

@@ -279,6 +279,77 @@ def test_a_writer_dying_mid_tile_leaves_no_tile_file(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(wd) if ".tmp." in n]
 
 
+def test_resume_with_another_output_fn_is_refused(tmp_path):
+    """output_fn is fingerprinted by what it does (its outputs on the first sample), not only by its name: two
+    lambdas share a __qualname__, yet a resume with the other one is refused; the same function resumes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4, dtype=F64)
+    fns = [lambda o: o[:, :2] * 2.0, lambda o: o[:, 1:] ** 2]  # same __qualname__ and C
+    assert fns[0].__qualname__ == fns[1].__qualname__
+    wd = str(tmp_path / "wd")
+    K = compute_ntk_tiled(model, x, workdir=wd, tile_size=2, dtype=F64, output_fn=fns[0])
+    close(K, empirical_ntk_reference(model, x, output_fn=fns[0], dtype=F64))
+    with pytest.raises(TileStoreMismatch, match="output_fn"):
+        compute_ntk_tiled(model, x, workdir=wd, tile_size=2, dtype=F64, output_fn=fns[1])
+    with pytest.raises(TileStoreMismatch, match="output_fn"):
+        compute_ntk_tiled(model, x, workdir=wd, tile_size=2, dtype=F64)
+    # another object of the same function (same __qualname__, same outputs up to rounding) resumes
+    again = lambda o: o[:, :2] * (2.0 + 1e-12)  # noqa: E731
+    assert again.__qualname__ == fns[0].__qualname__
+    assert torch.equal(compute_ntk_tiled(model, x, workdir=wd, tile_size=2, dtype=F64, output_fn=again), K)
+    assert torch.equal(compute_ntk_tiled(model, x, workdir=wd, tile_size=2, dtype=F64, output_fn=fns[0]), K)
+
+
+def test_failed_or_killed_out_npy_leaves_no_result(tmp_path, monkeypatch):
+    """compute_ntk_tiled(out=K.npy) writes a hidden partial file, renamed to K.npy only when complete: while it
+    runs and after it fails there is no K.npy (nor, after a failure, a partial file)."""
+    import ntk_kernels._tiles as tiles
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(6, 4, dtype=F64)
+    out = tmp_path / "K.npy"
+    seen = []
+
+    def watch(done, total):
+        seen.append((out.exists(), (tmp_path / ".K.npy.partial.npy").exists()))
+
+    K = compute_ntk_tiled(model, x, workdir=None, tile_size=2, dtype=F64, out=str(out), progress=watch)
+    assert seen and all(s == (False, True) for s in seen), seen
+    close(np.array(K), empirical_ntk(model, x, dtype=F64))
+    assert sorted(os.listdir(tmp_path)) == ["K.npy"]
+    out.unlink()
+
+    real, calls = tiles.compute_tile, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("tile failed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(tiles, "compute_tile", failing)
+    with pytest.raises(RuntimeError, match="tile failed"):
+        compute_ntk_tiled(model, x, workdir=str(tmp_path / "wd"), tile_size=2, dtype=F64, out=str(out))
+    monkeypatch.undo()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".npy")]
+    K2 = compute_ntk_tiled(model, x, workdir=str(tmp_path / "wd"), tile_size=2, dtype=F64, out=str(out))
+    assert np.array_equal(np.asarray(K2), np.asarray(K))
+
+
+def test_cuda_device_under_torchrun_gets_the_local_rank(monkeypatch):
+    """--device cuda under torchrun: cuda:LOCAL_RANK (torch.cuda.set_device refuses a device without an index);
+    an explicit index and a single process are kept as given."""
+    from ntk_kernels._cli_ntk import _device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _device("cuda", True) == torch.device("cuda", 3)
+    assert _device("cuda:1", True) == torch.device("cuda", 1)
+    assert _device("cuda", False) == torch.device("cuda")
+    assert _device("cpu", True) == torch.device("cpu")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_arguments(tmp_path, capsys):
     model = nn.Linear(3, 2).double()

@@ -126,6 +126,38 @@ def worker(outdir):
         dntk.empirical_ntk(m, x, tile_size=0 if rank == 1 else 3, dtype=F64)
     except (ValueError, RuntimeError) as e:
         errors["one_rank_bad"] = f"{type(e).__name__}: {e}"
+    # a rank failing while computing its tiles for out=*.npy: every rank raises, no K.npy and no partial file
+    import ntk_kernels._tiles as tiles_mod
+    real_compute = tiles_mod.compute_tile
+
+    def failing_compute(*a, **k):
+        raise RuntimeError("tile boom")
+
+    if rank == 1:
+        tiles_mod.compute_tile = failing_compute
+    failed_out = os.path.join(outdir, "failed.npy")
+    try:
+        dntk.empirical_ntk(m, x, tile_size=3, out=failed_out, dtype=F64)
+    except RuntimeError as e:
+        errors["out_fails"] = str(e)
+    finally:
+        tiles_mod.compute_tile = real_compute
+    dist.barrier()  # rank 0 has removed the partial file
+    errors["out_left"] = sorted(f for f in os.listdir(outdir) if "failed" in f)
+    # a rank failing to build its message for rank 0 (after the tiles): every rank raises, none waits in recv
+    real_wire = dntk._wire
+
+    def failing_wire(t):
+        raise RuntimeError("wire boom")
+
+    if rank == 1:
+        dntk._wire = failing_wire
+    try:
+        dntk.empirical_ntk(m, x, tile_size=3, dtype=F64)
+    except RuntimeError as e:
+        errors["send_fails"] = str(e)
+    finally:
+        dntk._wire = real_wire
     all_errors = [None] * world
     dist.all_gather_object(all_errors, errors)
     if rank == 0:
@@ -226,6 +258,45 @@ def test_collective_errors(launched):
         assert "rank(s) [1]" in e["inputs_differ"] and "other inputs" in e["inputs_differ"]
     assert errors[1]["one_rank_bad"].startswith("ValueError: tile_size must be a positive int")
     assert errors[0]["one_rank_bad"].startswith("RuntimeError") and "rank(s) [1]" in errors[0]["one_rank_bad"]
+
+
+def test_failures_leave_no_result_and_no_rank_waiting(launched):
+    """One rank failing while computing tiles for out=*.npy: both ranks raise, and neither K.npy nor the partial
+    file is left; one rank failing to build its message for rank 0: both raise (rank 0 does not hang in recv)."""
+    errors = launched[1]
+    assert "tile boom" in errors[1]["out_fails"]
+    assert "rank(s) [1]" in errors[0]["out_fails"] and "tile boom" in errors[0]["out_fails"]
+    for rank in (0, 1):
+        assert errors[rank]["out_left"] == [], errors[rank]["out_left"]
+    assert "wire boom" in errors[1]["send_fails"]
+    assert "rank(s) [1]" in errors[0]["send_fails"] and "wire boom" in errors[0]["send_fails"]
+
+
+def test_memmap_results_are_renamed_into_place(launched):
+    """out=*.npy: the result is written through a hidden partial file that is gone once the job is done."""
+    out = launched[2]
+    assert (out / "mlp_sym_full.npy").exists()
+    assert not [f for f in os.listdir(out) if f.endswith(".partial.npy")]
+
+
+def test_comm_device_follows_the_inputs():
+    """NCCL: the collectives' tensors go to the inputs' GPU (not the current device); gloo: the CPU."""
+    from ntk_kernels.distributed import _comm_device
+
+    class FakeDist:
+        def __init__(self, backend):
+            self.backend = backend
+
+        def get_backend(self, group):
+            return self.backend
+
+    x = torch.empty(2, 3, device="meta")
+    assert _comm_device(FakeDist("gloo"), None, x) == torch.device("cpu")
+    if torch.cuda.is_available():
+        last = torch.cuda.device_count() - 1
+        xc = torch.zeros(2, 3, device=f"cuda:{last}")
+        assert _comm_device(FakeDist("nccl"), None, xc) == torch.device("cuda", last)
+        assert _comm_device(FakeDist("nccl"), None, {"a": xc}) == torch.device("cuda", last)
 
 
 def test_ntk_command_under_torchrun(launched):
