@@ -66,8 +66,14 @@ def interleaved_seconds(fns: List[Callable[[], object]], device: str, rounds: Op
 
 
 def quantile(values: List[float], q: float) -> float:
+    """The q-quantile, linearly interpolated (an even count's median is the mean of the two middle values)."""
     v = sorted(values)
-    return v[min(len(v) - 1, int(q * len(v)))]
+    if not v:
+        raise ValueError("quantile of no values")
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def status_kib(field: str) -> int:

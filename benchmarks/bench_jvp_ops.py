@@ -106,20 +106,15 @@ def run_case(op, case, dtype, rounds, budget_s, memory):
         ref = fns[name]()
         errs[name] = max(((o.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1)).item()
                          for o, r in zip(out, ref))
-    names = list(fns)
-    times = _harness.interleaved_seconds([fns[n] for n in names], "cpu", rounds, budget_s)
-    med = _harness.quantile
+    timed = _harness.time_against_first(fns, "cpu", rounds, budget_s, memory)
+    shape = (f"{case['N']}x{case['L']}x{case['d_in']}->{case['d_out']}" if op == "linear_jvp"
+             else f"{case['N']}x{case['L']}x{case['D']}")
     rows = []
-    for k, name in enumerate(names):
-        ratio = [a / b for a, b in zip(times[k], times[0])]
-        peak = _harness.peak_memory_bytes(fns[name], "cpu") if memory else None
-        t = med(times[k], 0.5)
-        shape = (f"{case['N']}x{case['L']}x{case['d_in']}->{case['d_out']}" if op == "linear_jvp"
-                 else f"{case['N']}x{case['L']}x{case['D']}")
+    for name, r in timed.items():
+        t = r["seconds"]
         rows.append(dict(op=op, case=case["name"], shape=shape, tangent=case["wd"], method=name, ms=t * 1e3,
-                         x_cpu=med(ratio, 0.5), x_cpu_iqr=f"{med(ratio, 0.25):.2f}-{med(ratio, 0.75):.2f}",
-                         rate=work / t / 1e9, unit=unit, rounds=len(times[k]),
-                         peak_mib=None if peak is None else peak / 2**20,
+                         x_cpu=r["ratio"], x_cpu_iqr=r["ratio_iqr"], rate=work / t / 1e9, unit=unit,
+                         rounds=r["rounds"], peak_mib=r["peak_mib"],
                          max_rel_diff_vs_cpu=None if name == "cpu" else errs[name]))
     return rows
 
