@@ -198,27 +198,6 @@ def _contract(X: Tensor, Y: Tensor, mode: str) -> Tensor:
     return torch.einsum("icp,jcp->ij", X, Y)
 
 
-def _contract_sym(X: Tensor, mode: str) -> Tensor:
-    """_contract(X, X, mode) from the blocks on and above the diagonal of a q x q split of the samples (q = 4:
-    10 of 16 GEMM blocks), the rest mirrored."""
-    n = X.shape[0]
-    q = 4 if n >= 32 else 2 if n >= 8 else 1
-    if q == 1:
-        return _contract(X, X, mode)
-    cuts = [n * k // q for k in range(q + 1)]
-    C = X.shape[1]
-    out = _empty_kernel(n, n, C, mode, X.dtype, X.device)
-    for a in range(q):
-        a0, a1 = cuts[a], cuts[a + 1]
-        for b in range(a, q):
-            b0, b1 = cuts[b], cuts[b + 1]
-            t = _contract(X[a0:a1], X[b0:b1], mode)
-            out[a0:a1, b0:b1] = t
-            if b != a:
-                out[b0:b1, a0:a1] = _mirror(t, mode)
-    return out
-
-
 def _mirror(tile: Tensor, mode: str) -> Tensor:
     """K(x_j, x_i) from K(x_i, x_j): swap the samples (and the outputs in full mode)."""
     return tile.permute(1, 0, 3, 2) if mode == "full" else tile.transpose(0, 1)
@@ -418,9 +397,13 @@ class _Raw:
         out = []
         if self.w_sel:
             if self.kind == "embedding":
-                W = torch.zeros(n, C, m.num_embeddings, G.shape[3], dtype=G.dtype, device=G.device)
-                W.index_put_((torch.arange(n, device=G.device)[:, None, None],
-                              torch.arange(C, device=G.device)[None, :, None], A[:, None, :]), G, accumulate=True)
+                V, d = m.num_embeddings, G.shape[3]
+                W = torch.zeros(n * C * V, d, dtype=G.dtype, device=G.device)
+                # row (i, c, id) of the flat (n·C·V, d) gradient; index_add_ (parallel) rather than an accumulating
+                # index_put_ (15-25x slower on the CPU at these sizes)
+                rows = A[:, None, :] + V * torch.arange(n * C, device=G.device).view(n, C, 1)
+                W.index_add_(0, rows.reshape(-1), G.reshape(-1, d))
+                W = W.view(n, C, V, d)
             elif self.kind == "norm":
                 W = torch.einsum("ictk,itk->ick", G, A)
             else:
@@ -433,29 +416,33 @@ class _Raw:
             out.append(G.sum(2))
         return out
 
-    def flat(self) -> List[Tensor]:
-        """The per-sample gradients flattened, one (n, C, P_part) tensor per selected parameter, each in an order
-        of its own (the same for every sample: all a Gram contraction or a sign needs).  A linear map's weight
-        part is one batched GEMM (G_{n}ᵀ A_n for the C outputs at once) written where it stays, not a copy."""
+    def flat(self) -> List[Tuple[str, Tensor]]:
+        """The per-sample gradients flattened, one feature per selected parameter, each in an order of its own
+        (the same for every sample: all a Gram contraction or a sign needs): ("matc", (C, n, P_part)) for a linear
+        map's weight (formed output-major by weight_grads, where it stays), ("mat", (n, C, P_part)) otherwise."""
         if self.kind in ("linear", "conv2d") and self.w_sel:
-            return [self.weight_grads()] + ([self.G.sum(2)] if self.b_sel else [])
+            return [("matc", self.weight_grads())] + ([("mat", self.G.sum(2))] if self.b_sel else [])
         n, C = self.G.shape[:2]
-        return [g.reshape(n, C, -1) for g in self.grads()]
+        return [("mat", g.reshape(n, C, -1)) for g in self.grads()]
 
     def weight_numel(self) -> int:
         n, C, T, d = self.G.shape
         return n * C * d * self.A.shape[2]
 
-    def weight_grads(self, out: Optional[Tensor] = None) -> Tensor:
-        """A linear map's per-sample weight gradients (n, C, d·K), [n, c] = G_{n,c}ᵀ A_n row-major (d, K): one
-        batched GEMM, into ``out`` (a flat buffer of weight_numel() elements) when given."""
+    def weight_grads(self, out: Optional[Tensor] = None, k0: int = 0, k1: Optional[int] = None) -> Tensor:
+        """A linear map's per-sample weight gradients output-major, (C, n, K·d): [c, n] = A_nᵀ G_{n,c}, (K, d)
+        row-major (the order inside P is the same for every sample: all a contraction needs).  One bmm per output
+        c, each writing a contiguous (n, K, d) block (1.1-1.5x faster on the CPU than one bmm of the transposed
+        G into the sample-major layout).  k0:k1: only the rows of those input features (K = k1 - k0).  ``out``: a
+        (C, n, K·d) tensor whose out[c] are contiguous (a slice of a larger buffer) to write into."""
         n, C, T, d = self.G.shape
-        Gt = self.G.transpose(2, 3).reshape(n, C * d, T)
+        k1 = self.A.shape[2] if k1 is None else k1
         if out is None:
-            return torch.bmm(Gt, self.A).view(n, C, -1)
-        W = out.view(n, C * d, self.A.shape[2])
-        torch.bmm(Gt, self.A, out=W)
-        return W.view(n, C, -1)
+            out = torch.empty((C, n, (k1 - k0) * d), dtype=self.G.dtype, device=self.G.device)
+        At = self.A[:, :, k0:k1].transpose(1, 2)
+        for c in range(C):
+            torch.bmm(At, self.G[:, c], out=out[c].view(n, k1 - k0, d))
+        return out
 
     def gram_ok(self) -> bool:
         return self.kind != "norm" and self.w_sel
@@ -757,7 +744,7 @@ class _Plan:
                 worst = max(mats, key=lambda m: raws[m].nbytes("mat")[0] - raws[m].nbytes("gram")[0])
                 self.choice[worst] = "gram"
         kept, extra = per_sample()
-        self.bytes_per_sample = kept
+        self.bytes_per_sample, self.transient_per_sample = kept, extra
         if block_size is None:
             block_size = int(max(1, min(MAX_BLOCK, max(n1, n2), budget // (3 * (kept + extra)))))
         self.block_size = block_size
@@ -781,7 +768,8 @@ _Plan.decide = _decide
 
 
 def _finalize(raws, plan: _Plan, kernel: str, lazy: bool = False):
-    """The features a tile needs: ("gram", A, G, Σ_t G or None) or ("mat", J (n, C, P)) per module; with ``lazy``
+    """The features a tile needs: ("gram", A, G, Σ_t G or None), ("mat", J (n, C, P)) or ("matc", J (C, n, P)) per
+    module; with ``lazy``
     (features used by one tile only) a linear map's weight part stays ("lazy", raw): the tile forms its per-sample
     gradients into a buffer shared by the layers, contracts them and moves on (no N·C·P array, no fresh pages for
     every layer)."""
@@ -796,10 +784,10 @@ def _finalize(raws, plan: _Plan, kernel: str, lazy: bool = False):
             if raw.b_sel:
                 feats[(m, 1)] = ("mat", raw.G.sum(2))
         else:
-            for k, X in enumerate(raw.flat()):
-                feats[(m, k)] = ("mat", X)
+            for k, f in enumerate(raw.flat()):
+                feats[(m, k)] = f
     if kernel == "signgd":
-        feats = {m: f if f[0] == "lazy" else ("mat", f[1].sign()) for m, f in feats.items()}
+        feats = {m: f if f[0] == "lazy" else (f[0], f[1].sign()) for m, f in feats.items()}
     return feats
 
 
@@ -816,44 +804,295 @@ class _Buffers:
         return b[:numel]
 
 
-def _lazy_contract(ra: "_Raw", rb: "_Raw", same: bool, mode: str, kernel: str, bufs: _Buffers) -> Tensor:
-    X = ra.weight_grads(bufs.get(0, ra.weight_numel(), ra.G))
+class _Acc:
+    """A tile's accumulator, output-major: full (C, I, C, J), diagonal (C, I, J), trace (I, J); the per-sample
+    gradients' GEMMs add into it in place (addmm_), with no temporary per layer.  ``sym`` (a diagonal tile: the
+    same features on both sides): a large GEMM computes only the blocks on and above the diagonal (row block a
+    against the columns from a on: 5/8 of the products for q = 4; 1.1-1.4x faster on the CPU than the whole
+    square) and the lower triangle is mirrored once, in ``result``."""
+
+    def __init__(self, I: int, J: int, C: int, mode: str, like: Tensor, sym: bool):
+        self.I, self.J, self.C, self.mode, self.sym = I, J, C, mode, sym
+        shape = {"full": (C, I, C, J), "diagonal": (C, I, J), "trace": (I, J)}[mode]
+        self.acc = torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def _squares(self):
+        """The accumulator as 2-D views: one (C·I, C·J) for full (rows (c, i)), C of (I, J) for diagonal, the (I, J)
+        one for trace (fed once per c)."""
+        if self.mode == "full":
+            return [self.acc.view(self.C * self.I, self.C * self.J)]
+        if self.mode == "diagonal":
+            return list(self.acc.unbind(0))
+        return [self.acc]
+
+    def _gemm(self, M: Tensor, X: Tensor, Y: Optional[Tensor]):
+        """M += X Yᵀ (Y None: X Xᵀ into the upper blocks only)."""
+        if Y is not None:
+            M.addmm_(X, Y.T)
+            return
+        R, P = X.shape
+        q = 4 if R >= 64 and P >= 2048 else 2 if R >= 32 and P >= 2048 else 1
+        cuts = [R * k // q for k in range(q + 1)]
+        for a in range(q):
+            a0, a1 = cuts[a], cuts[a + 1]
+            M[a0:a1, a0:].addmm_(X[a0:a1], X[a0:].T)
+
+    def add_matc(self, X: Tensor, Y: Optional[Tensor] = None):
+        """Per-sample gradients output-major, X (C, I, P) [, Y (C, J, P); None: X itself, a sym tile]."""
+        C = self.C
+        if self.mode == "full":
+            self._gemm(self._squares()[0], X.reshape(C * self.I, -1), None if Y is None else Y.reshape(C * self.J, -1))
+            return
+        squares = self._squares()
+        for c in range(C):
+            self._gemm(squares[c] if self.mode == "diagonal" else squares[0], X[c], None if Y is None else Y[c])
+
+    def add_tile(self, t: Tensor, i0: int = 0, j0: int = 0):
+        """A contribution in the kernel's own layout, (I', J'[, C[, C]]), at rows i0.. and columns j0..; in a sym
+        accumulator an off-diagonal block is added at its mirrored place as well (the upper triangle that
+        ``result`` mirrors must be whole)."""
+        self._add(t, i0, j0)
+        if self.sym and (i0, t.shape[0]) != (j0, t.shape[1]):
+            self._add(_mirror(t, self.mode), j0, i0)
+
+    def _add(self, t: Tensor, i0: int, j0: int):
+        i1, j1 = i0 + t.shape[0], j0 + t.shape[1]
+        if self.mode == "full":
+            self.acc[:, i0:i1, :, j0:j1] += t.permute(2, 0, 3, 1)
+        elif self.mode == "diagonal":
+            self.acc[:, i0:i1, j0:j1] += t.permute(2, 0, 1)
+        else:
+            self.acc[i0:i1, j0:j1] += t
+
+    def result(self) -> Tensor:
+        """The tile in the kernel's layout (I, J[, C[, C]]), a view of the accumulator."""
+        if self.sym:
+            for M in self._squares():
+                M.copy_(torch.triu(M) + torch.triu(M, 1).T)
+        if self.mode == "full":
+            return self.acc.permute(1, 3, 0, 2)
+        return self.acc.permute(1, 2, 0) if self.mode == "diagonal" else self.acc
+
+
+def _lazy_contract(ra: "_Raw", rb: "_Raw", same: bool, kernel: str, bufs: _Buffers, acc: _Acc) -> None:
+    X = ra.weight_grads(bufs.get(0, ra.weight_numel(), ra.G).view(ra.G.shape[1], ra.G.shape[0], -1))
     if kernel == "signgd":
         X.sign_()
     if same:
         if kernel == "asymmetric_signgd":
-            return _contract(X, torch.sign(X, out=bufs.get(1, ra.weight_numel(), ra.G).view(X.shape)), mode)
-        return _contract_sym(X, mode)
-    Y = rb.weight_grads(bufs.get(1, rb.weight_numel(), rb.G))
+            acc.add_matc(X, torch.sign(X, out=bufs.get(1, ra.weight_numel(), ra.G).view(X.shape)))
+        else:
+            acc.add_matc(X)
+        return
+    Y = rb.weight_grads(bufs.get(1, rb.weight_numel(), rb.G).view(rb.G.shape[1], rb.G.shape[0], -1))
     if kernel in ("signgd", "asymmetric_signgd"):
         Y.sign_()
-    return _contract(X, Y, mode)
+    acc.add_matc(X, Y)
 
 
-def _tile(f1, f2, mode, kernel):
-    from ..ops.ntk_gram import gram_contract
-
-    tile = 0
+def _tile(f1, f2, mode, kernel, n1, n2, C, like):
+    """The (n1, n2[, C[, C]]) tile between the features f1 and f2 (the same dict for a diagonal tile); None where
+    no selected parameter is reached by both blocks."""
+    sym = f1 is f2 and kernel != "asymmetric_signgd"  # a diagonal tile: K_ij = K_ji, half the products
+    acc = None
     bufs = _Buffers()
     for m, a in f1.items():
         b = f2.get(m)
         if b is None:  # the layer was not reached by this block (cannot happen for same-shaped inputs)
             continue
+        if acc is None:
+            acc = _Acc(n1, n2, C, mode, like, sym)
         if a[0] == "lazy":
-            tile = tile + _lazy_contract(a[1], b[1], a is b, mode, kernel, bufs)
+            _lazy_contract(a[1], b[1], a is b, kernel, bufs, acc)
+        elif a[0] == "matc":
+            Y = b[1].sign() if kernel == "asymmetric_signgd" else None if sym else b[1]
+            acc.add_matc(a[1], Y)
+        else:
+            acc.add_tile(_pair(a, b, mode, kernel))
+    return None if acc is None else acc.result()
+
+
+def _pair(a, b, mode: str, kernel: str) -> Tensor:
+    """The tile of one module's "mat" (sample-major per-sample gradients) or "gram" features between two blocks."""
+    from ..ops.ntk_gram import gram_contract
+
+    if a[0] == "mat":
+        return _contract(a[1], b[1].sign() if kernel == "asymmetric_signgd" else b[1], mode)
+    _, A1, G1, S1 = a
+    _, A2, G2, S2 = b
+    t = gram_contract(A1, G1, A2, G2, mode)
+    return t if S1 is None else t + _contract(S1, S2, mode)
+
+
+# ---------------------------------------------------------------------------------------- layer by layer
+CHUNK_BYTES = 256 << 20  # the layer-by-layer path's scratch: one layer's gradients, every sample, some input features
+
+
+def _by_layer_bytes(raws, plan: _Plan) -> int:
+    """Bytes per sample the layer-by-layer path keeps for every sample: the raw A, G of the materialised linear
+    maps (their gradients are formed later, a few input features at a time), the Gram features, the other
+    per-sample gradients and the fallback's Jacobian."""
+    total = 0
+    for m, raw in raws.items():
+        if m == FALLBACK:
+            total += raw[0].numel() * raw.element_size()
+        elif (plan.choice.get(m) or plan.decide(m, raw)) == "gram" or (raw.kind in ("linear", "conv2d")
+                                                                         and raw.w_sel):
+            total += raw.nbytes("gram")[0]
+        else:
+            total += raw.nbytes("mat")[0]
+    return total
+
+
+def _form(raws, X: Tensor, k0: int, k1: int) -> None:
+    """Every block's per-sample gradients of one linear map, input features k0:k1, into X (C, n, (k1-k0)·d)."""
+    for i0, i1, raw in raws:
+        if raw is None:  # the block did not reach the layer: zero gradients
+            X[:, i0:i1].zero_()
+        else:
+            raw.weight_grads(X[:, i0:i1], k0, k1)
+
+
+def _contract_layer(raws1, raws2, same: bool, kernel: str, acc: _Acc, chunk_bytes: int) -> None:
+    """One materialised linear map over all samples: its per-sample gradients formed for every sample, a chunk of
+    input features at a time (at most ``chunk_bytes``), each chunk contracted at once into the accumulator (one
+    GEMM over all C·N rows: no gradient formed twice, no N·P array)."""
+    r0 = next(r for _, _, r in raws1 if r is not None)
+    K, d = r0.A.shape[2], r0.G.shape[3]
+    C, n1, n2 = acc.C, acc.I, acc.J
+    n_y = 0 if acc.sym else n2
+    es = r0.G.element_size()
+    kc = int(max(1, min(K, chunk_bytes // (C * (n1 + n_y) * d * es))))
+    buf = torch.empty(C * (n1 + n_y) * kc * d, dtype=r0.G.dtype, device=r0.G.device)
+    for k0 in range(0, K, kc):
+        k1 = min(K, k0 + kc)
+        w = (k1 - k0) * d
+        X = buf[:C * n1 * w].view(C, n1, w)
+        _form(raws1, X, k0, k1)
+        if kernel == "signgd":
+            X.sign_()
+        if acc.sym:
+            acc.add_matc(X)
             continue
-        if a[0] == "mat":
-            if a is b and kernel != "asymmetric_signgd":  # a diagonal tile: K_ij = K_ji, half the products
-                tile = tile + _contract_sym(a[1], mode)
-            else:
-                tile = tile + _contract(a[1], b[1].sign() if kernel == "asymmetric_signgd" else b[1], mode)
+        Y = buf[C * n1 * w:C * (n1 + n2) * w].view(C, n2, w)
+        if same:  # the asymmetric sign kernel of inputs1 with itself
+            torch.sign(X, out=Y)
+        else:
+            _form(raws2, Y, k0, k1)
+            if kernel != "sgd":
+                Y.sign_()
+        acc.add_matc(X, Y)
+
+
+def _by_layer(model, inputs1, inputs2, probe, whole: bool, layers, fallback, output_fn, ct, expand, bs: int, S: int,
+              C: int, mode: str, kernel: str, chunk_bytes: int, show, reached: bool, plan: _Plan) -> Tensor:
+    """The kernel layer by layer: one forward and backward per block of ``bs`` samples keeps the raw features of a
+    super-block of ``S`` samples (A, G; the Gram and small per-sample features), then for each tile of super-blocks
+    each module is contracted over all its sample pairs at once (the materialised linear maps chunk by chunk of
+    input features, see _contract_layer; the others block pair by block pair).  Against tile by tile with
+    materialised features it forms every per-sample gradient once per tile and runs a row super-block's forward
+    once, with GEMMs over all S·C rows; when every sample fits one super-block (S >= N) there is one tile and every
+    gradient is formed once.  probe: the probe block's raw features (``whole``: they are all of inputs1's and serve
+    as its one block when inputs1 is one super-block)."""
+    n1 = _batch(inputs1)
+    x2 = inputs1 if inputs2 is None else inputs2
+    n2 = _batch(x2)
+    mirror = inputs2 is None and kernel != "asymmetric_signgd"  # K symmetric: tiles below the diagonal mirrored
+    rows = [(i, min(i + S, n1)) for i in range(0, n1, S)]
+    cols = [(j, min(j + S, n2)) for j in range(0, n2, S)]
+    tiles = [(a, b) for a in range(len(rows)) for b in range(len(cols)) if not (mirror and b < a)]
+    use_probe = whole and len(rows) == 1
+    n_keys = len(_finalize(probe, plan, kernel, lazy=True))  # as on the probe (the count shown while collecting)
+    total, prev = 0, None  # steps: the blocks collected and the features contracted, tile by tile
+    for a, b in tiles:
+        if a != prev:  # a row super-block is collected once, at its first tile
+            total += 1 if (use_probe and a == 0) else -(-(rows[a][1] - rows[a][0]) // bs)
+            prev = a
+        if not (inputs2 is None and a == b):
+            total += -(-(cols[b][1] - cols[b][0]) // bs)
+        total += n_keys
+    steps = [0, total]
+
+    def tick():
+        steps[0] += 1
+        if show is not None:
+            show(steps[0], max(steps))
+
+    def collect(x, r, pre):
+        if pre is not None:
+            tick()
+            return [(0, r[1] - r[0], _finalize(pre, plan, kernel, lazy=True))]
+        out = []
+        for i0 in range(r[0], r[1], bs):
+            i1 = min(r[1], i0 + bs)
+            raws, c = _block_raw(model, _slice(x, i0, i1), layers, fallback, output_fn, ct, expand=expand)
+            if c != C:
+                raise ValueError(f"output_fn gives {C} outputs on inputs1 but {c} on inputs2")
+            reached_any[0] = reached_any[0] or bool(raws)
+            out.append((i0 - r[0], i1 - r[0], _finalize(raws, plan, kernel, lazy=True)))
+            tick()
+        return out
+
+    reached_any = [reached]
+    like = torch.empty(0, dtype=ct, device=_device(inputs1))
+    K = None if len(tiles) == 1 else _empty_kernel(n1, n2, C, mode, ct, like.device)
+    B1, row = None, None
+    for a, b in tiles:
+        (i0, i1), (j0, j1) = rows[a], cols[b]
+        if row != a:
+            B1, row = None, a  # the previous row super-block's features go before the next are collected
+            B1 = collect(inputs1, rows[a], probe if (use_probe and a == 0) else None)
+        same = inputs2 is None and a == b
+        B2 = B1 if same else collect(x2, cols[b], None)
+        tile = _contract_all(B1, B2, same, i1 - i0, j1 - j0, C, mode, kernel, chunk_bytes, like, tick)
+        del B2
+        if K is None:
+            K = tile.contiguous()
             continue
-        _, A1, G1, S1 = a
-        _, A2, G2, S2 = b
-        tile = tile + gram_contract(A1, G1, A2, G2, mode)
-        if S1 is not None:
-            tile = tile + _contract(S1, S2, mode)
-    return tile
+        K[i0:i1, j0:j1] = tile
+        if mirror and a != b:
+            K[j0:j1, i0:i1] = _mirror(tile, mode)
+    if not reached_any[0]:
+        raise ValueError("params: the model's output does not depend on the selected parameters")
+    steps[1] = steps[0]  # the last report says done (the probe's feature count may differ from a block's)
+    if show is not None and steps[0] != total:
+        show(steps[0], steps[1])
+    return K
+
+
+def _super_block(n1: int, n2: int, two: bool, per: int, cc: int, free: int) -> int:
+    """Samples per super-block of the layer-by-layer path: max(n1, n2) when every sample's features (``per`` bytes
+    each; ``two``: inputs2 given) and the whole kernel (``cc`` bytes per sample pair) fit in ``free`` bytes, else
+    the largest S whose tile (two super-blocks' features and an S x S tile) fits; 0 when not even one does."""
+    if (n1 + (n2 if two else 0)) * per + n1 * n2 * cc <= free:
+        return max(n1, n2)
+    S = 0
+    for k in range(1, max(n1, n2) + 1):
+        if 2 * k * per + k * k * cc > free:
+            break
+        S = k
+    return S
+
+
+def _contract_all(B1, B2, same: bool, n1: int, n2: int, C: int, mode: str, kernel: str, chunk_bytes: int, like,
+                  tick) -> Tensor:
+    """The (n1, n2[, C[, C]]) tile between two super-blocks' collected features (``same``: B2 is B1), module by
+    module."""
+    acc = _Acc(n1, n2, C, mode, like, same and kernel != "asymmetric_signgd")
+    keys = [k for k in dict.fromkeys(k for _, _, f in B1 for k in f) if any(k in f for _, _, f in B2)]
+    for key in keys:
+        first = next(f[key] for _, _, f in B1 if key in f)
+        if first[0] == "lazy":
+            side = lambda B: [(i0, i1, f[key][1] if key in f else None) for i0, i1, f in B]  # noqa: E731
+            _contract_layer(side(B1), None if same else side(B2), same, kernel, acc, chunk_bytes)
+        else:
+            for bi, (i0, _, f1) in enumerate(B1):
+                for bj, (j0, _, f2) in enumerate(B2):
+                    if (acc.sym and bj < bi) or key not in f1 or key not in f2:
+                        continue
+                    acc.add_tile(_pair(f1[key], f2[key], mode, kernel), i0, j0)
+        tick()
+    return acc.result()
 
 
 def _check_budget(memory_budget, progress):
@@ -917,7 +1156,9 @@ def empirical_ntk(model: nn.Module, inputs1: Inputs, inputs2: Optional[Inputs] =
     strategy   "auto" (per layer the cheaper of gram / materialize), "gram", "materialize", or "jacobian"
                (``empirical_ntk_reference``, torch.func jacrev + vmap).
     dtype      result dtype; accumulation in float64 for float64, float32 otherwise.
-    progress   True prints tiles done to stderr; a callable gets (tiles done, tiles total).
+    progress   True prints the steps done to stderr; a callable gets (steps done, steps total).  Steps: with
+               several blocks whose raw features all fit, each block's forward and backward, then each layer's
+               contraction over all pairs; otherwise the tiles of K.
     distributed  True: call this on every rank of an initialised torch.distributed world (torchrun); the tiles
                of K are shared among the ranks and K is gathered on rank 0 (None on the other ranks), as
                ``ntk_kernels.distributed.empirical_ntk`` does (which also takes tile_size, group, out=*.npy
@@ -949,7 +1190,7 @@ def _progress_fn(progress):
     import sys
 
     def show(done, total):
-        sys.stderr.write(f"\rempirical_ntk: {done}/{total} tiles" + ("\n" if done == total else ""))
+        sys.stderr.write(f"\rempirical_ntk: {done}/{total} steps" + ("\n" if done == total else ""))
         sys.stderr.flush()
     return show
 
@@ -974,13 +1215,29 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
                  graph=stats.get("graph_bytes", 0) // n_probe)
     # one row block and one column block: every block's features serve one tile only, formed lazily there
     single = plan.block_size >= max(n1, n2)
+    show = _progress_fn(progress)
+    if not single:
+        # several blocks: layer by layer, over tiles of super-blocks whose raw features fit two at a time (beside
+        # K, the blocks in flight and some scratch); tile by tile with materialised features below only where not
+        # even two samples' raw features fit
+        es = torch.finfo(ct).bits // 8
+        per = _by_layer_bytes(raws, plan)
+        cc = {"full": C * C, "diagonal": C, "trace": 1}[mode] * es
+        flight = 2 * plan.transient_per_sample  # a block's raw features and graph, and its finalised copy
+        free = budget - n1 * n2 * cc - (16 << 20) - flight * (block_size or 1)
+        S = _super_block(n1, n2, inputs2 is not None, per, cc, free)
+        if S >= 1:
+            held = (n1 + n2 if S >= max(n1, n2) else 2 * S) * per + (n1 * n2 + S * S) * cc + (16 << 20)
+            bs = block_size or int(max(1, min(MAX_BLOCK, S, (budget - held) // (2 * flight))))
+            chunk = int(min(CHUNK_BYTES, max(1, budget - held - flight * bs)))
+            return _by_layer(model, inputs1, inputs2, raws, whole, layers, fallback, output_fn, ct, expand, bs, S,
+                             C, mode, kernel, chunk, show, not stats.get("unreached", False), plan).to(dtype)
     first = _finalize(raws, plan, kernel, lazy=single) if whole and plan.block_size >= n1 else None
     del raws
     bs = plan.block_size
     rows = [(i, min(i + bs, n1)) for i in range(0, n1, bs)]
     cols = [(j, min(j + bs, n2)) for j in range(0, n2, bs)]
     total = sum(1 for bi in range(len(rows)) for bj in range(len(cols)) if not (symmetric and bj < bi))
-    show = _progress_fn(progress)
     cache: Dict[int, dict] = {}
     if first is not None and inputs2 is None:
         cache[0] = first
@@ -1008,8 +1265,8 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
             if symmetric and bj < bi:
                 continue
             fj = fi if (inputs2 is None and bj == bi) else features(x2, j0, j1, key=bj)
-            tile = _tile(fi, fj, mode, kernel)
-            if not isinstance(tile, Tensor):  # no selected parameter reached by both blocks
+            tile = _tile(fi, fj, mode, kernel, i1 - i0, j1 - j0, C, K)
+            if tile is None:  # no selected parameter reached by both blocks
                 tile = torch.zeros_like(K[i0:i1, j0:j1])
             if symmetric and bj == bi:  # exactly symmetric despite rounding (float addition commutes)
                 tile = 0.5 * (tile + _mirror(tile, mode))

@@ -175,10 +175,25 @@ def test_memory_budget_blocks_gram_switch_and_progress():
     assert big.block_size == 7 and big.cache
 
 
-def test_progress_true_writes_to_stderr(capsys):
+def test_progress_true_writes_to_stderr(capsys, monkeypatch):
     model = ln_mlp()
     empirical_ntk(model, data(4, (6,)), block_size=2, progress=True, dtype=F64)
-    assert "3/3 tiles" in capsys.readouterr().err  # the upper triangle of 2 x 2 blocks
+    # layer by layer: the probe's features (all 4 samples), then one contraction per feature: the 3 linear layers
+    # (Gram trick, bias included) and the 2 norms' weights and biases
+    assert "8/8 steps" in capsys.readouterr().err
+    seen = []
+    empirical_ntk(ln_mlp(), data(4, (6,)), block_size=2, memory_budget=1, progress=lambda d, t: seen.append((d, t)),
+                  dtype=F64)
+    assert seen == [(1, 3), (2, 3), (3, 3)]  # tile by tile (nothing fits): the upper triangle of 2 x 2 blocks
+    from ntk_kernels.ntk import empirical as E
+
+    monkeypatch.setattr(E, "_super_block", lambda *a: 3)
+    seen.clear()
+    empirical_ntk(ln_mlp(), data(20, (6,)), block_size=2, progress=lambda d, t: seen.append((d, t)), dtype=F64)
+    # 7 super-blocks of 3 (the last of 2), 28 tiles on and above the diagonal: 7 row collections (2 blocks each, 1
+    # for the last), 21 column collections, 7 features per tile
+    total = 6 * 2 + 1 + sum(2 if b < 6 else 1 for a in range(7) for b in range(a + 1, 7)) + 28 * 7
+    assert seen == [(k, total) for k in range(1, total + 1)]
 
 
 class SharedIds(nn.Module):
@@ -309,3 +324,82 @@ def test_sparse_tensors_in_the_graph():
 
     m, x = S().double(), torch.randn(5, 3, dtype=dt)
     torch.testing.assert_close(empirical_ntk(m, x, dtype=dt), oracle(m, x), rtol=1e-10, atol=1e-12)
+
+
+def _sign_oracle(J1, J2, kernel, mode):
+    eq = {"full": "icp,jep->ijce", "diagonal": "icp,jcp->ijc", "trace": "icp,jcp->ij"}[mode]
+    if kernel == "sgd":
+        return torch.einsum(eq, J1, J2)
+    return torch.einsum(eq, J1.sign() if kernel == "signgd" else J1, J2.sign())
+
+
+def _schedule_cases():
+    from tests.ntk.test_empirical_ntk_models import TiedLM, TokenModel, text, tiny_bert
+
+    g = torch.Generator().manual_seed(5)
+    cases = {
+        "ln_mlp": (ln_mlp, lambda: (data(7, (6,)), data(5, (6,), seed=1))),
+        "conv": (lambda: ConvNet().double().eval(), lambda: (data(5, (3, 7, 6)), data(3, (3, 7, 6), seed=2))),
+        "tokens": (lambda: TokenModel().double().eval(),
+                   lambda: (torch.randint(0, 9, (5, 6), generator=g), torch.randint(0, 9, (4, 6), generator=g))),
+        "tied": (lambda: TiedLM().double().eval(),
+                 lambda: (torch.randint(0, 11, (5, 4), generator=g), torch.randint(0, 11, (3, 4), generator=g))),
+        "bert": (tiny_bert, lambda: (text(5), text(3, seed=1))),
+    }
+    return cases
+
+
+# BERT's attention key bias has a gradient that is 0 in exact arithmetic and rounding noise in floating point: its
+# sign is undefined (see test_empirical_ntk_hf.test_sign_kernels), so it is left out
+_PARAMS = {"bert": lambda n, p: not n.endswith("key.bias")}
+
+
+@pytest.mark.parametrize("case", ["ln_mlp", "conv", "tokens", "tied", "bert"])
+def test_layer_by_layer_and_tile_by_tile_schedules(case, monkeypatch):
+    """The schedules of several blocks (layer by layer over all samples when every sample's raw features fit; layer
+    by layer over tiles of super-blocks when two super-blocks' fit; tile by tile with materialised features
+    otherwise), the layer-by-layer ones with their per-sample gradients formed one input feature at a time (the
+    smallest scratch), against the float64 oracle: every mode, inputs2 None and given, the three kernels,
+    materialised and Gram layers, embeddings, the torch.func fallback (tied weights)."""
+    from ntk_kernels.ntk import empirical as E
+
+    make, inputs = _schedule_cases()[case]
+    model = make()
+    x1, x2 = inputs()
+    params = _PARAMS.get(case)
+    J1, J2 = jacobian_loop(model, x1, params), jacobian_loop(model, x2, params)
+    for J in (J1, J2):  # the sign kernels are well posed: no entry at rounding level
+        assert not ((J != 0) & (J.abs() < 1e-12 * J.abs().amax())).any()
+    calls = {"by_layer": 0}
+    real = E._by_layer
+
+    def counting(*a, **k):
+        calls["by_layer"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "_by_layer", counting)
+    huge = lambda raws, plan: 1 << 60  # noqa: E731  (nothing fits: tile by tile)
+    for schedule, kernel, strategy in itertools.product(("layer", "super", "tile"),
+                                                        ("sgd", "signgd", "asymmetric_signgd"), ("auto", "materialize")):
+        if kernel != "sgd" and strategy == "auto":
+            continue  # sign kernels always materialise
+        with monkeypatch.context() as mp:
+            if schedule == "tile":
+                mp.setattr(E, "_by_layer_bytes", huge)
+            else:
+                mp.setattr(E, "CHUNK_BYTES", 1)
+            if schedule == "super":  # super-blocks of 3 samples (blocks of 2 inside): tiles of super-blocks
+                mp.setattr(E, "_super_block", lambda *a: 3)
+            before = calls["by_layer"]
+            for mode, (b, Jb) in itertools.product(MODES, ((None, J1), (x2, J2))):
+                out = empirical_ntk(model, x1, b, params=params, mode=mode, kernel=kernel, strategy=strategy,
+                                    block_size=2, dtype=F64)
+                want = _sign_oracle(J1, Jb, kernel, mode)
+                assert_close(out, want, F64, name=f"{case} {schedule} {kernel} {strategy} {mode} {b is None}")
+                if b is None and kernel != "asymmetric_signgd":
+                    assert torch.equal(out, _mirror_k(out, mode))
+            assert (calls["by_layer"] > before) == (schedule != "tile")
+
+
+def _mirror_k(K, mode):
+    return K.permute(1, 0, 3, 2) if mode == "full" else K.transpose(0, 1)
