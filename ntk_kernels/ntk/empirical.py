@@ -1224,12 +1224,18 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
         per = _by_layer_bytes(raws, plan)
         cc = {"full": C * C, "diagonal": C, "trace": 1}[mode] * es
         flight = 2 * plan.transient_per_sample  # a block's raw features and graph, and its finalised copy
-        free = budget - n1 * n2 * cc - (16 << 20) - flight * (block_size or 1)
+        # what the estimates do not see (allocator fragmentation, autograd's transients) gets a fifth of the budget;
+        # blocks of at least 16 samples in flight and 64 MiB of scratch are reserved before super-blocks are sized
+        usable = int(0.8 * budget)
+        bs_min = block_size or min(16, max(n1, n2))
+        scratch = min(CHUNK_BYTES, 64 << 20)
+        free = usable - n1 * n2 * cc - flight * bs_min - scratch - (16 << 20)
         S = _super_block(n1, n2, inputs2 is not None, per, cc, free)
         if S >= 1:
-            held = (n1 + n2 if S >= max(n1, n2) else 2 * S) * per + (n1 * n2 + S * S) * cc + (16 << 20)
-            bs = block_size or int(max(1, min(MAX_BLOCK, S, (budget - held) // (2 * flight))))
-            chunk = int(min(CHUNK_BYTES, max(1, budget - held - flight * bs)))
+            one = n1 + (n2 if inputs2 is not None else 0)  # samples whose features one tile holds
+            held = (one if S >= max(n1, n2) else 2 * S) * per + (n1 * n2 + S * S) * cc + (16 << 20)
+            bs = block_size or int(max(1, min(MAX_BLOCK, S, (usable - held - scratch) // flight)))
+            chunk = int(min(CHUNK_BYTES, max(1, usable - held - flight * bs)))
             return _by_layer(model, inputs1, inputs2, raws, whole, layers, fallback, output_fn, ct, expand, bs, S,
                              C, mode, kernel, chunk, show, not stats.get("unreached", False), plan).to(dtype)
     first = _finalize(raws, plan, kernel, lazy=single) if whole and plan.block_size >= n1 else None

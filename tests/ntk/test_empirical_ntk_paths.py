@@ -403,3 +403,15 @@ def test_layer_by_layer_and_tile_by_tile_schedules(case, monkeypatch):
 
 def _mirror_k(K, mode):
     return K.permute(1, 0, 3, 2) if mode == "full" else K.transpose(0, 1)
+
+
+def test_super_block_sizes():
+    """Everything held when it fits; else the largest S with two super-blocks' features and an S x S tile inside
+    the free bytes; 0 when not even one sample fits (the tile-by-tile schedule then)."""
+    from ntk_kernels.ntk.empirical import _super_block
+
+    assert _super_block(10, 10, False, per=100, cc=4, free=10 * 100 + 100 * 4) == 10
+    assert _super_block(10, 6, True, per=100, cc=4, free=16 * 100 + 60 * 4) == 10
+    S = _super_block(10, 10, False, per=100, cc=4, free=900)
+    assert S == 4 and 2 * S * 100 + S * S * 4 <= 900 < 2 * (S + 1) * 100 + (S + 1) ** 2 * 4
+    assert _super_block(10, 10, False, per=100, cc=4, free=150) == 0
