@@ -20,16 +20,18 @@ module's own output with w = 1, b = 0.
 
 One forward per block of samples, with forward hooks keeping each fast-path module's input and output z; the
 gradients of all C outputs with respect to every z come from one ``torch.autograd.grad(..., is_grads_batched=True)``
-over the C one-hot cotangents (C plain backward passes when C <= 4: cheaper than the vmapped backward).  Where a
-block's features serve a single tile (one row block and one column block), a materialised layer's per-sample
-gradients are formed inside the tile into a buffer shared by the layers and contracted at once.  Every other selected parameter (a weight tied across modules, a grouped
-convolution, a fast-path module called on a tensor not batched on dim 0, ...) gets the exact fallback: its
-per-sample Jacobian (n, C, P_rest) from torch.func (vmap of jacrev over the block's samples, or a loop over them
-where vmap fails on data-dependent control flow), contracted into the same tile.  The parameters are split, never
-counted twice.  A probe block of two samples checks the hooks' gradients against autograd's and sizes the plan.
-A row block's features are computed once and reused across its column blocks (every column block's features are
-kept when they fit the budget); inputs2=None computes the upper-triangle tiles only and mirrors them.  The sign
-kernels ("signgd", "asymmetric_signgd") materialise the per-sample gradients block by block.
+over the C one-hot cotangents (C plain backward passes when C <= 4: cheaper than the vmapped backward).  Then layer
+by layer: each module's contribution over all sample pairs at once, a materialised layer's per-sample gradients
+formed output-major, a chunk of input features at a time, into one buffer and contracted by GEMMs that add into
+the kernel in place (never the N·P Jacobian); with inputs2=None only the blocks on and above the diagonal.  When
+the raw features (A, G) of every sample do not fit the memory budget, over tiles of super-blocks that fit two at
+a time; only when not even that fits, tile by tile with each block's per-sample gradients materialised.  Every
+other selected parameter (a weight tied across modules, a grouped convolution, a fast-path module called on a
+tensor not batched on dim 0, ...) gets the exact fallback: its per-sample Jacobian (n, C, P_rest) from torch.func
+(vmap of jacrev over the block's samples, or a loop over them where vmap fails on data-dependent control flow),
+contracted into the same kernel.  The parameters are split, never counted twice.  A probe block of two samples
+checks the hooks' gradients against autograd's and sizes the plan.  The sign kernels ("signgd",
+"asymmetric_signgd") take the signs of the materialised per-sample gradients (no Gram trick).
 """
 from __future__ import annotations
 
@@ -768,17 +770,21 @@ _Plan.decide = _decide
 
 
 def _finalize(raws, plan: _Plan, kernel: str, lazy: bool = False):
-    """The features a tile needs: ("gram", A, G, Σ_t G or None), ("mat", J (n, C, P)) or ("matc", J (C, n, P)) per
-    module; with ``lazy``
-    (features used by one tile only) a linear map's weight part stays ("lazy", raw): the tile forms its per-sample
-    gradients into a buffer shared by the layers, contracts them and moves on (no N·C·P array, no fresh pages for
-    every layer)."""
+    """The features of a block: ("gram", A, G), ("mat", J (n, C, P)) or ("matc", J (C, n, P)) per module; with
+    ``lazy`` (the layer-by-layer path) a linear map's weight part stays ("lazy", raw): its per-sample gradients are
+    formed later, chunk by chunk of input features, and contracted at once (see _contract_layer)."""
     feats = {}
     for m, raw in raws.items():
         if m == FALLBACK:
             feats[m] = ("mat", raw)
         elif (plan.choice.get(m) or plan.decide(m, raw)) == "gram":  # a module the probe block did not reach
-            feats[m] = ("gram", raw.A, raw.G, raw.G.sum(2) if raw.b_sel else None)
+            if raw.b_sel and raw.kind != "embedding":
+                # the bias rides along as a constant input feature: Σ_ts (A_i A_jᵀ + 1)_ts (G_i G_jᵀ)_ts is the
+                # weight's term plus ⟨Σ_t G_it, Σ_s G_js⟩, the bias's (no separate contraction of Σ_t G)
+                A = torch.cat([raw.A, raw.A.new_ones(*raw.A.shape[:2], 1)], 2)
+                feats[m] = ("gram", A, raw.G)
+            else:
+                feats[m] = ("gram", raw.A, raw.G)
         elif lazy and raw.kind in ("linear", "conv2d") and raw.w_sel:
             feats[(m, 0)] = ("lazy", raw)
             if raw.b_sel:
@@ -791,34 +797,28 @@ def _finalize(raws, plan: _Plan, kernel: str, lazy: bool = False):
     return feats
 
 
-class _Buffers:
-    """Flat scratch buffers reused by the lazy layers of a tile (slot 0: the row side, slot 1: the column side)."""
-
-    def __init__(self):
-        self.bufs: Dict[int, Tensor] = {}
-
-    def get(self, slot: int, numel: int, like: Tensor) -> Tensor:
-        b = self.bufs.get(slot)
-        if b is None or b.numel() < numel or b.dtype != like.dtype:
-            b = self.bufs[slot] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return b[:numel]
-
-
 class _Acc:
-    """A tile's accumulator, output-major: full (C, I, C, J), diagonal (C, I, J), trace (I, J); the per-sample
-    gradients' GEMMs add into it in place (addmm_), with no temporary per layer.  ``sym`` (a diagonal tile: the
+    """A tile's accumulator.  The per-sample gradients' GEMMs add in place (addmm_), with no temporary per layer,
+    into an output-major buffer: full (C, I, C, J), diagonal (C, I, J), trace (I, J); ``sym`` (a diagonal tile: the
     same features on both sides): a large GEMM computes only the blocks on and above the diagonal (row block a
-    against the columns from a on: 5/8 of the products for q = 4; 1.1-1.4x faster on the CPU than the whole
-    square) and the lower triangle is mirrored once, in ``result``."""
+    against the columns from a on: 5/8 of the products for q = 4; 1.1-1.4x faster on the CPU than the whole square)
+    and the lower triangle is mirrored once, in ``result``.  Contributions in the kernel's own layout (the Gram trick,
+    sample-major gradients) add into a second buffer in that layout (no strided adds per layer)."""
 
     def __init__(self, I: int, J: int, C: int, mode: str, like: Tensor, sym: bool):
-        self.I, self.J, self.C, self.mode, self.sym = I, J, C, mode, sym
-        shape = {"full": (C, I, C, J), "diagonal": (C, I, J), "trace": (I, J)}[mode]
-        self.acc = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.I, self.J, self.C, self.mode, self.sym, self.like = I, J, C, mode, sym, like
+        self.acc: Optional[Tensor] = None  # output-major
+        self.nat: Optional[Tensor] = None  # the kernel's layout
+        self.mirrors = set()  # off-diagonal regions of ``nat`` (sym): their mirror images are filled in ``result``
+        self.diagonal = set()  # diagonal regions of ``nat`` (sym): computed whole, made exactly symmetric there
 
     def _squares(self):
-        """The accumulator as 2-D views: one (C·I, C·J) for full (rows (c, i)), C of (I, J) for diagonal, the (I, J)
-        one for trace (fed once per c)."""
+        """The output-major accumulator as 2-D views: one (C·I, C·J) for full (rows (c, i)), C of (I, J) for
+        diagonal, the (I, J) one for trace (fed once per c)."""
+        if self.acc is None:
+            shape = {"full": (self.C, self.I, self.C, self.J), "diagonal": (self.C, self.I, self.J),
+                     "trace": (self.I, self.J)}[self.mode]
+            self.acc = torch.zeros(shape, dtype=self.like.dtype, device=self.like.device)
         if self.mode == "full":
             return [self.acc.view(self.C * self.I, self.C * self.J)]
         if self.mode == "diagonal":
@@ -840,54 +840,42 @@ class _Acc:
     def add_matc(self, X: Tensor, Y: Optional[Tensor] = None):
         """Per-sample gradients output-major, X (C, I, P) [, Y (C, J, P); None: X itself, a sym tile]."""
         C = self.C
-        if self.mode == "full":
-            self._gemm(self._squares()[0], X.reshape(C * self.I, -1), None if Y is None else Y.reshape(C * self.J, -1))
-            return
         squares = self._squares()
+        if self.mode == "full":
+            self._gemm(squares[0], X.reshape(C * self.I, -1), None if Y is None else Y.reshape(C * self.J, -1))
+            return
         for c in range(C):
             self._gemm(squares[c] if self.mode == "diagonal" else squares[0], X[c], None if Y is None else Y[c])
 
     def add_tile(self, t: Tensor, i0: int = 0, j0: int = 0):
         """A contribution in the kernel's own layout, (I', J'[, C[, C]]), at rows i0.. and columns j0..; in a sym
-        accumulator an off-diagonal block is added at its mirrored place as well (the upper triangle that
-        ``result`` mirrors must be whole)."""
-        self._add(t, i0, j0)
-        if self.sym and (i0, t.shape[0]) != (j0, t.shape[1]):
-            self._add(_mirror(t, self.mode), j0, i0)
-
-    def _add(self, t: Tensor, i0: int, j0: int):
+        accumulator only blocks on and above the diagonal come here, an off-diagonal one is mirrored in ``result``."""
+        if self.nat is None:
+            self.nat = _empty_kernel(self.I, self.J, self.C, self.mode, self.like.dtype, self.like.device)
         i1, j1 = i0 + t.shape[0], j0 + t.shape[1]
-        if self.mode == "full":
-            self.acc[:, i0:i1, :, j0:j1] += t.permute(2, 0, 3, 1)
-        elif self.mode == "diagonal":
-            self.acc[:, i0:i1, j0:j1] += t.permute(2, 0, 1)
-        else:
-            self.acc[i0:i1, j0:j1] += t
+        self.nat[i0:i1, j0:j1] += t
+        if self.sym:
+            (self.mirrors if (i0, i1) != (j0, j1) else self.diagonal).add((i0, i1, j0, j1))
 
     def result(self) -> Tensor:
-        """The tile in the kernel's layout (I, J[, C[, C]]), a view of the accumulator."""
-        if self.sym:
-            for M in self._squares():
-                M.copy_(torch.triu(M) + torch.triu(M, 1).T)
-        if self.mode == "full":
-            return self.acc.permute(1, 3, 0, 2)
-        return self.acc.permute(1, 2, 0) if self.mode == "diagonal" else self.acc
-
-
-def _lazy_contract(ra: "_Raw", rb: "_Raw", same: bool, kernel: str, bufs: _Buffers, acc: _Acc) -> None:
-    X = ra.weight_grads(bufs.get(0, ra.weight_numel(), ra.G).view(ra.G.shape[1], ra.G.shape[0], -1))
-    if kernel == "signgd":
-        X.sign_()
-    if same:
-        if kernel == "asymmetric_signgd":
-            acc.add_matc(X, torch.sign(X, out=bufs.get(1, ra.weight_numel(), ra.G).view(X.shape)))
-        else:
-            acc.add_matc(X)
-        return
-    Y = rb.weight_grads(bufs.get(1, rb.weight_numel(), rb.G).view(rb.G.shape[1], rb.G.shape[0], -1))
-    if kernel in ("signgd", "asymmetric_signgd"):
-        Y.sign_()
-    acc.add_matc(X, Y)
+        """The tile in the kernel's layout (I, J[, C[, C]])."""
+        out = None
+        if self.acc is not None:
+            if self.sym:
+                for M in self._squares():
+                    M.copy_(torch.triu(M) + torch.triu(M, 1).T)
+            out = self.acc.permute(1, 3, 0, 2) if self.mode == "full" else \
+                self.acc.permute(1, 2, 0) if self.mode == "diagonal" else self.acc
+        if self.nat is not None:
+            for i0, i1, j0, j1 in self.mirrors:
+                self.nat[j0:j1, i0:i1] = _mirror(self.nat[i0:i1, j0:j1], self.mode)
+            for i0, i1, _, _ in self.diagonal:  # symmetric up to rounding: exactly, now
+                block = self.nat[i0:i1, i0:i1]
+                block.copy_(0.5 * (block + _mirror(block, self.mode)))
+            out = self.nat if out is None else self.nat.add_(out)
+        if out is None:
+            out = _empty_kernel(self.I, self.J, self.C, self.mode, self.like.dtype, self.like.device)
+        return out
 
 
 def _tile(f1, f2, mode, kernel, n1, n2, C, like):
@@ -895,16 +883,13 @@ def _tile(f1, f2, mode, kernel, n1, n2, C, like):
     no selected parameter is reached by both blocks."""
     sym = f1 is f2 and kernel != "asymmetric_signgd"  # a diagonal tile: K_ij = K_ji, half the products
     acc = None
-    bufs = _Buffers()
     for m, a in f1.items():
         b = f2.get(m)
         if b is None:  # the layer was not reached by this block (cannot happen for same-shaped inputs)
             continue
         if acc is None:
             acc = _Acc(n1, n2, C, mode, like, sym)
-        if a[0] == "lazy":
-            _lazy_contract(a[1], b[1], a is b, kernel, bufs, acc)
-        elif a[0] == "matc":
+        if a[0] == "matc":
             Y = b[1].sign() if kernel == "asymmetric_signgd" else None if sym else b[1]
             acc.add_matc(a[1], Y)
         else:
@@ -918,14 +903,13 @@ def _pair(a, b, mode: str, kernel: str) -> Tensor:
 
     if a[0] == "mat":
         return _contract(a[1], b[1].sign() if kernel == "asymmetric_signgd" else b[1], mode)
-    _, A1, G1, S1 = a
-    _, A2, G2, S2 = b
-    t = gram_contract(A1, G1, A2, G2, mode)
-    return t if S1 is None else t + _contract(S1, S2, mode)
+    return gram_contract(a[1], a[2], b[1], b[2], mode)
 
 
 # ---------------------------------------------------------------------------------------- layer by layer
-CHUNK_BYTES = 256 << 20  # the layer-by-layer path's scratch: one layer's gradients, every sample, some input features
+# the layer-by-layer path's scratch: one layer's gradients, every sample, some input features; under glibc's 32 MiB
+# mmap ceiling, so that it comes from the heap (no fresh pages to fault in on every call)
+CHUNK_BYTES = 24 << 20
 
 
 def _by_layer_bytes(raws, plan: _Plan) -> int:
@@ -1148,11 +1132,16 @@ def empirical_ntk(model: nn.Module, inputs1: Inputs, inputs2: Optional[Inputs] =
                (Adam's kernel, Malladi et al. 2023; the sign side is inputs2).  Sign kernels materialise the
                per-sample gradients block by block (no Gram trick).
     output_fn  model output -> (N, C) tensor; default: the output itself or its ``.logits`` (2-D).
-    block_size samples per forward; default: the most (up to 128) whose features fit ``memory_budget``.
-    memory_budget  bytes the engine may hold (features of two blocks, the forward's graph, and, when they fit,
-               every column block's features so that each block's forward runs once); default 80 % of the
-               free GPU memory, or half of the available RAM.  Layers whose materialised gradients would not
-               let MIN_BLOCK samples fit switch to the Gram trick (strategy "auto").
+    block_size samples per forward; default: the most (up to 128) that fit ``memory_budget``.
+    memory_budget  bytes the engine may hold; default 80 % of the free GPU memory, or half of the available RAM.
+               One block: its layers are contracted one by one, each materialised layer's per-sample gradients
+               formed into one reused buffer.  Several blocks: layer by layer, each block's forward and backward
+               keeping its raw features (layer inputs and output gradients), then each layer contracted over all
+               pairs at once, its per-sample gradients formed a chunk of input features at a time (never the
+               N·P Jacobian); when not every sample's raw features fit, over tiles of super-blocks whose
+               features fit two at a time (a column super-block's forward then runs once per row super-block).
+               Only when not even that fits, tile by tile with materialised features, where layers whose
+               gradients would not let MIN_BLOCK samples fit switch to the Gram trick (strategy "auto").
     strategy   "auto" (per layer the cheaper of gram / materialize), "gram", "materialize", or "jacobian"
                (``empirical_ntk_reference``, torch.func jacrev + vmap).
     dtype      result dtype; accumulation in float64 for float64, float32 otherwise.
@@ -1213,32 +1202,33 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
     budget = int(memory_budget) if memory_budget is not None else _free_memory(_device(inputs1))
     plan = _Plan(raws, C, fallback, strategy, kernel, mode, budget, block_size, n1, n2, torch.finfo(ct).bits // 8,
                  graph=stats.get("graph_bytes", 0) // n_probe)
-    # one row block and one column block: every block's features serve one tile only, formed lazily there
-    single = plan.block_size >= max(n1, n2)
     show = _progress_fn(progress)
-    if not single:
-        # several blocks: layer by layer, over tiles of super-blocks whose raw features fit two at a time (beside
-        # K, the blocks in flight and some scratch); tile by tile with materialised features below only where not
-        # even two samples' raw features fit
-        es = torch.finfo(ct).bits // 8
-        per = _by_layer_bytes(raws, plan)
-        cc = {"full": C * C, "diagonal": C, "trace": 1}[mode] * es
-        flight = 2 * plan.transient_per_sample  # a block's raw features and graph, and its finalised copy
-        # what the estimates do not see (allocator fragmentation, autograd's transients) gets a fifth of the budget;
-        # blocks of at least 16 samples in flight and 64 MiB of scratch are reserved before super-blocks are sized
-        usable = int(0.8 * budget)
-        bs_min = block_size or min(16, max(n1, n2))
-        scratch = min(CHUNK_BYTES, 64 << 20)
-        free = usable - n1 * n2 * cc - flight * bs_min - scratch - (16 << 20)
-        S = _super_block(n1, n2, inputs2 is not None, per, cc, free)
-        if S >= 1:
-            one = n1 + (n2 if inputs2 is not None else 0)  # samples whose features one tile holds
-            held = (one if S >= max(n1, n2) else 2 * S) * per + (n1 * n2 + S * S) * cc + (16 << 20)
-            bs = block_size or int(max(1, min(MAX_BLOCK, S, (usable - held - scratch) // flight)))
-            chunk = int(min(CHUNK_BYTES, max(1, usable - held - flight * bs)))
-            return _by_layer(model, inputs1, inputs2, raws, whole, layers, fallback, output_fn, ct, expand, bs, S,
-                             C, mode, kernel, chunk, show, not stats.get("unreached", False), plan).to(dtype)
-    first = _finalize(raws, plan, kernel, lazy=single) if whole and plan.block_size >= n1 else None
+    es = torch.finfo(ct).bits // 8
+    cc = {"full": C * C, "diagonal": C, "trace": 1}[mode] * es
+    if plan.block_size >= max(n1, n2):  # one block of inputs1 (and one of inputs2): one tile, layer by layer
+        return _by_layer(model, inputs1, inputs2, raws, whole, layers, fallback, output_fn, ct, expand,
+                         plan.block_size, max(n1, n2), C, mode, kernel, CHUNK_BYTES, show,
+                         not stats.get("unreached", False), plan).to(dtype)
+    # several blocks: layer by layer, over tiles of super-blocks whose raw features fit two at a time (beside K, the
+    # blocks in flight and some scratch); tile by tile with materialised features below only where not even two
+    # samples' raw features fit
+    per = _by_layer_bytes(raws, plan)
+    flight = 2 * plan.transient_per_sample  # a block's raw features and graph, and its finalised copy
+    # what the estimates do not see (allocator fragmentation, autograd's transients) gets a fifth of the budget;
+    # blocks of at least 16 samples in flight and 64 MiB of scratch are reserved before super-blocks are sized
+    usable = int(0.8 * budget)
+    bs_min = block_size or min(16, max(n1, n2))
+    scratch = 64 << 20
+    free = usable - n1 * n2 * cc - flight * bs_min - scratch - (16 << 20)
+    S = _super_block(n1, n2, inputs2 is not None, per, cc, free)
+    if S >= 1:
+        one = n1 + (n2 if inputs2 is not None else 0)  # samples whose features one tile holds
+        held = (one if S >= max(n1, n2) else 2 * S) * per + (n1 * n2 + S * S) * cc + (16 << 20)
+        bs = block_size or int(max(1, min(MAX_BLOCK, S, (usable - held - scratch) // flight)))
+        chunk = int(min(CHUNK_BYTES, max(1, usable - held - flight * bs)))
+        return _by_layer(model, inputs1, inputs2, raws, whole, layers, fallback, output_fn, ct, expand, bs, S,
+                         C, mode, kernel, chunk, show, not stats.get("unreached", False), plan).to(dtype)
+    first = _finalize(raws, plan, kernel) if whole and plan.block_size >= n1 else None
     del raws
     bs = plan.block_size
     rows = [(i, min(i + bs, n1)) for i in range(0, n1, bs)]
@@ -1257,7 +1247,7 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
         if c != C:
             raise ValueError(f"output_fn gives {C} outputs on inputs1 but {c} on inputs2")
         reached[0] = reached[0] or bool(raws)
-        f = _finalize(raws, plan, kernel, lazy=single)
+        f = _finalize(raws, plan, kernel)
         if key is not None and plan.cache:
             cache[key] = f
         return f
