@@ -266,6 +266,55 @@ def test_nan_inputs_and_tangents_are_refused():
     v["2.bias"] = torch.tensor([0.0, float("inf")])
     with pytest.raises(ValueError, match=r"tangents\['2.bias'\] contains NaN or inf"):
         ntk_kernels.per_sample_jvp(m, torch.randn(4, 3), v)
+    for bad in (float("nan"), -float("inf")):  # per-sample tangents (the min/max check), NaN or -inf anywhere
+        v = {n: torch.randn(4, *p.shape) for n, p in m.named_parameters()}
+        v["0.weight"][3, 2, 1] = bad
+        with pytest.raises(ValueError, match=r"tangents\['0.weight'\] contains NaN or inf"):
+            ntk_kernels.per_sample_jvp(m, torch.randn(4, 3), v)
+
+
+def test_nan_inf_check():
+    """The one-pass min/max check against the elementwise one: NaN, ±inf, both, none, empty, low precision."""
+    from ntk_kernels.ntk.empirical import _nan_inf
+
+    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for vals in ([], [float("nan")], [float("inf")], [-float("inf")], [float("nan"), float("inf")],
+                     [float("inf"), -float("inf")]):
+            t = torch.randn(5, 7, dtype=dt)
+            for k, v in enumerate(vals):
+                t.view(-1)[3 + 11 * k] = v
+            nan, inf = _nan_inf(t)
+            assert nan == bool(torch.isnan(t).any()), (dt, vals)
+            assert (nan or inf) == (not bool(torch.isfinite(t).all())), (dt, vals)
+            if not nan:
+                assert inf == bool(torch.isinf(t).any()), (dt, vals)
+    assert _nan_inf(torch.empty(0, 3)) == (False, False)
+    z = torch.zeros(3, dtype=torch.complex64)
+    z[1] = complex(float("nan"), 0.0)
+    assert _nan_inf(z) == (True, False)
+
+
+class _InfMasked(nn.Module):
+    """Reads -inf as "masked" (as additive attention masks do): an input with -inf is valid."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(torch.where(torch.isinf(x), torch.zeros_like(x), x))
+
+
+def test_inf_inputs_stay_allowed():
+    m = _InfMasked().double()
+    x = data(4, (3,))
+    x[1, 2] = -float("inf")
+    K = empirical_ntk(m, x, dtype=F64)
+    x0 = x.clone()
+    x0[1, 2] = 0.0
+    assert torch.isfinite(K).all()
+    torch.testing.assert_close(K, empirical_ntk_reference(m, x0, dtype=F64))
 
 
 class _Branchy(nn.Module):
