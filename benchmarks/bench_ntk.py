@@ -216,7 +216,7 @@ def _recipe_jacobians(model, x, loop_ok=True):
         xi = x[i] if isinstance(x, torch.Tensor) else {k: v[i] for k, v in x.items()}
         Ji = jacrev(f)(params, xi)
         if J is None:
-            J = {k: torch.empty((n, *v.shape), dtype=v.dtype) for k, v in Ji.items()}
+            J = {k: torch.empty((n, *v.shape), dtype=v.dtype, device=v.device) for k, v in Ji.items()}
         for k, v in Ji.items():
             J[k][i] = v
         del Ji

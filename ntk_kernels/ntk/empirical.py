@@ -927,6 +927,11 @@ def _pair(a, b, mode: str, kernel: str) -> Tensor:
 # the layer-by-layer path's scratch: one layer's gradients, every sample, some input features; under glibc's 32 MiB
 # mmap ceiling, so that it comes from the heap (no fresh pages to fault in on every call)
 CHUNK_BYTES = 24 << 20
+CHUNK_BYTES_GPU = 512 << 20  # on a GPU: larger GEMMs, and the caching allocator keeps the block between calls
+
+
+def _chunk_bytes(device: torch.device) -> int:
+    return CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_GPU
 
 
 def _by_layer_bytes(raws, plan: _Plan) -> int:
@@ -1224,7 +1229,7 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
     cc = {"full": C * C, "diagonal": C, "trace": 1}[mode] * es
     if plan.block_size >= max(n1, n2):  # one block of inputs1 (and one of inputs2): one tile, layer by layer
         return _by_layer(model, inputs1, inputs2, raws, whole, layers, fallback, output_fn, ct, expand,
-                         plan.block_size, max(n1, n2), C, mode, kernel, CHUNK_BYTES, show,
+                         plan.block_size, max(n1, n2), C, mode, kernel, _chunk_bytes(_device(inputs1)), show,
                          not stats.get("unreached", False), plan).to(dtype)
     # several blocks: layer by layer, over tiles of super-blocks whose raw features fit two at a time (beside K, the
     # blocks in flight and some scratch); tile by tile with materialised features below only where not even two
@@ -1242,7 +1247,7 @@ def _assemble(model, inputs1, inputs2, layers, fallback, mode, kernel, output_fn
         one = n1 + (n2 if inputs2 is not None else 0)  # samples whose features one tile holds
         held = (one if S >= max(n1, n2) else 2 * S) * per + (n1 * n2 + S * S) * cc + (16 << 20)
         bs = block_size or int(max(1, min(MAX_BLOCK, S, (usable - held - scratch) // flight)))
-        chunk = int(min(CHUNK_BYTES, max(1, usable - held - flight * bs)))
+        chunk = int(min(_chunk_bytes(_device(inputs1)), max(1, usable - held - flight * bs)))
         return _by_layer(model, inputs1, inputs2, raws, whole, layers, fallback, output_fn, ct, expand, bs, S,
                          C, mode, kernel, chunk, show, not stats.get("unreached", False), plan).to(dtype)
     first = _finalize(raws, plan, kernel) if whole and plan.block_size >= n1 else None
