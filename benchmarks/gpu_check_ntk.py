@@ -1,6 +1,6 @@
 """GPU session check of ntk_kernels.empirical_ntk end to end: correctness, then timings against the torch.func
 tutorial recipe.  Builds nothing: run it after ``pip install -e .`` on a machine with a GPU (written for an H100 /
-H200); needs transformers (random weights, nothing downloaded) and tests/_models.py (pytest importable).
+H200); needs transformers (random weights, nothing downloaded) and tests/_models.py (no pytest needed).
 
 1. Correctness: empirical_ntk on the device against ntk_kernels.ntk.empirical_ntk_reference (torch.func jacrev +
    vmap, or its per-sample loop where vmap fails) computed on the CPU in float64 from the very (rounded) weights,

