@@ -456,7 +456,7 @@ def _finite_or_raise(result: Tuple[Tensor, Tensor], tans: Dict[str, Tensor]) -> 
     the tangents (N·P numbers for per-sample directions: a pass over them costs 20-25 % of a small MLP's call) only
     when it is not finite.  Finite tangents with a non-finite result (the model overflows) return as they are."""
     yd = result[1]
-    if yd.is_floating_point() and any(_nan_inf(yd)):
+    if (yd.is_floating_point() or yd.is_complex()) and any(_nan_inf(yd)):
         for name, t in tans.items():
             if (t.is_floating_point() or t.is_complex()) and any(_nan_inf(t)):
                 raise ValueError(f"tangents[{name!r}] contains NaN or inf")

@@ -464,3 +464,72 @@ def test_super_block_sizes():
     S = _super_block(10, 10, False, per=100, cc=4, free=900)
     assert S == 4 and 2 * S * 100 + S * S * 4 <= 900 < 2 * (S + 1) * 100 + (S + 1) ** 2 * 4
     assert _super_block(10, 10, False, per=100, cc=4, free=150) == 0
+
+
+# ---------------------------------------------------------------------------------------------- review regressions
+class _LogitBias(nn.Module):
+    """A frozen backbone and a plain output-bias parameter: no fast-path layer, autograd saves nothing for it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double().requires_grad_(False)
+        self.logit_bias = nn.Parameter(torch.randn(3, dtype=F64))
+
+    def forward(self, x):
+        return self.net(x) + self.logit_bias
+
+
+class _EmptyIds(nn.Module):
+    """An embedding called on (n, 0) ids (an empty segment) beside a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(6, 3)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x[:, :3] + self.emb(x[:, :0].long()).sum(1))
+
+
+class _SmallOutsideUse(nn.Module):
+    """An embedding's row that no id touches also used outside the module, scaled small."""
+
+    def __init__(self, scale):
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = nn.Embedding(11, 6)
+        self.head = nn.Linear(6, 2)
+        self.scale = scale
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1) + self.scale * self.emb.weight[10])
+
+
+def test_review_regressions():
+    """Found by the session-4 review: N > MAX_BLOCK with no fast-path layer (nothing in flight per sample), sparse
+    embedding gradients and empty id tensors in the probe's embedding check, a small use of an embedding row
+    outside the module (must move it to the fallback: exact)."""
+    m = _LogitBias()
+    x = data(130, (4,))
+    assert_close(empirical_ntk(m, x, mode="trace", dtype=F64), empirical_ntk_reference(m, x, mode="trace", dtype=F64),
+                 F64, name="no fast path, N > MAX_BLOCK")
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).double()
+    sparse = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2)).double()
+    sparse.load_state_dict(dense.state_dict())
+    ids = torch.randint(0, 10, (5, 3), generator=torch.Generator().manual_seed(1))
+    assert_close(empirical_ntk(sparse, ids, dtype=F64), empirical_ntk_reference(dense, ids, dtype=F64), F64,
+                 name="sparse embedding")
+    m = _EmptyIds().double()
+    x = data(4, (3,))
+    for params in (None, ["emb.weight", "lin.weight"]):
+        assert_close(empirical_ntk(m, x, params=params, dtype=F64),
+                     empirical_ntk_reference(m, x, params=params, dtype=F64), F64, name=f"empty ids {params}")
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 1, 2]])  # row 10 untouched
+    for scale in (1e-2, 1e-4):
+        m = _SmallOutsideUse(scale).double()
+        ref = empirical_ntk_reference(m, ids, params=["emb.weight"], dtype=F64)
+        out = empirical_ntk(m, ids, params=["emb.weight"], dtype=F64)
+        assert (out - ref).abs().max() <= 1e-12 * ref.abs().max(), scale
