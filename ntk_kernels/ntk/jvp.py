@@ -457,10 +457,14 @@ def _finite_or_raise(result: Tuple[Tensor, Tensor], tans: Dict[str, Tensor]) -> 
     when it is not finite.  Finite tangents with a non-finite result (the model overflows) return as they are."""
     yd = result[1]
     if (yd.is_floating_point() or yd.is_complex()) and any(_nan_inf(yd)):
-        for name, t in tans.items():
-            if (t.is_floating_point() or t.is_complex()) and any(_nan_inf(t)):
-                raise ValueError(f"tangents[{name!r}] contains NaN or inf")
+        _refuse_nonfinite(tans)
     return result
+
+
+def _refuse_nonfinite(tans: Dict[str, Tensor]) -> None:
+    for name, t in tans.items():
+        if (t.is_floating_point() or t.is_complex()) and any(_nan_inf(t)):
+            raise ValueError(f"tangents[{name!r}] contains NaN or inf")
 
 
 def per_sample_jvp(model: nn.Module, inputs: Inputs, tangents: Mapping[str, Tensor], *, params: ParamsSpec = None,
@@ -509,7 +513,8 @@ def per_sample_jvp(model: nn.Module, inputs: Inputs, tangents: Mapping[str, Tens
             y, yd = _fused_jvp(model, inputs, chosen, tans, per, n, output_fn)
             _check_batched(y, n)
             return _finite_or_raise((y, yd), tans)
-        except _NeedLoop as e:
+        except _NeedLoop as e:  # (a NaN in a tangent looks like the sentinel that raises this: refuse it first)
+            _refuse_nonfinite(tans)
             why = str(e)
     log.debug("per_sample_jvp: per-sample fallback: %s", why)
     return _finite_or_raise(_per_sample_fallback(model, inputs, chosen, tans, per, n, output_fn), tans)

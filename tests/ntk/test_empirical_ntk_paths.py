@@ -266,11 +266,23 @@ def test_nan_inputs_and_tangents_are_refused():
     v["2.bias"] = torch.tensor([0.0, float("inf")])
     with pytest.raises(ValueError, match=r"tangents\['2.bias'\] contains NaN or inf"):
         ntk_kernels.per_sample_jvp(m, torch.randn(4, 3), v)
+    from ntk_kernels.ntk import jvp as J
+
+    def no_fallback(*a, **k):
+        raise AssertionError("a NaN tangent must be refused before the per-sample fallback runs")
+
     for bad in (float("nan"), -float("inf")):  # per-sample tangents (the min/max check), NaN or -inf anywhere
         v = {n: torch.randn(4, *p.shape) for n, p in m.named_parameters()}
         v["0.weight"][3, 2, 1] = bad
         with pytest.raises(ValueError, match=r"tangents\['0.weight'\] contains NaN or inf"):
             ntk_kernels.per_sample_jvp(m, torch.randn(4, 3), v)
+        orig = J._per_sample_fallback
+        J._per_sample_fallback = no_fallback
+        try:
+            with pytest.raises(ValueError, match=r"tangents\['0.weight'\] contains NaN or inf"):
+                ntk_kernels.per_sample_jvp(m, torch.randn(4, 3), v)
+        finally:
+            J._per_sample_fallback = orig
 
 
 def test_nan_inf_check():
