@@ -122,10 +122,8 @@ def _check_no_nan(name: str, t: Tensor) -> None:
     """NaN in an input makes every kernel entry of its sample NaN: refused (±inf stays allowed: additive attention
     masks use it)."""
     if (t.is_floating_point() or t.is_complex()) and _nan_inf(t)[0]:
-        bad = torch.isnan(t)
-        if bool(bad.any()):
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name} contains NaN (first at index {idx})")
+        idx = tuple(int(i) for i in torch.isnan(t).nonzero()[0])
+        raise ValueError(f"{name} contains NaN (first at index {idx})")
 
 
 def _check_inputs(name: str, x) -> None:
@@ -707,11 +705,12 @@ def _check_hooks(raw: _Raw, r: Tensor, actual: List[Tensor], dtype) -> bool:
         g = actual[0]
         g = (g.to_dense() if g.layout != torch.strided else g).to(got.dtype)  # nn.Embedding(sparse=True)
         rest = torch.maximum(g.amax(1), -g.amin(1))  # max |g| per row (10x faster than an inf-norm here)
-        touched = (g[ids] - got).abs().amax(1) if len(ids) else rest[:0]
+        if not len(ids):
+            return not bool(rest.max() > 0)
+        touched = (g[ids] - got).abs().amax()
         rest[ids] = 0
         # (NaN: passes, as for the other layers)
-        return not (bool(rest.max() > 0) or bool(touched.max() > tol * bound + torch.finfo(dtype).tiny)
-                    if len(ids) else bool(rest.max() > 0))
+        return not (bool(rest.max() > 0) or bool(touched > tol * bound + torch.finfo(dtype).tiny))
     for got, bound, g in zip(raw.grads(A1, Gr), raw.grads(A1.abs(), Gr.abs()), actual):
         # against the largest bound of the whole parameter, not element by element: G itself carries the
         # batched and the plain backward's rounding, which on a small element of a cancelling sum (an embedding
@@ -1013,7 +1012,8 @@ def _by_layer(model, inputs1, inputs2, probe, whole: bool, layers, fallback, out
     cols = [(j, min(j + S, n2)) for j in range(0, n2, S)]
     tiles = [(a, b) for a in range(len(rows)) for b in range(len(cols)) if not (mirror and b < a)]
     use_probe = whole and len(rows) == 1
-    n_keys = len(_finalize(probe, plan, kernel, lazy=True))  # as on the probe (the count shown while collecting)
+    probe_feats = _finalize(probe, plan, kernel, lazy=True)
+    n_keys = len(probe_feats)  # as on the probe (the count shown while collecting)
     total, prev = 0, None  # steps: the blocks collected and the features contracted, tile by tile
     for a, b in tiles:
         if a != prev:  # a row super-block is collected once, at its first tile
@@ -1029,10 +1029,10 @@ def _by_layer(model, inputs1, inputs2, probe, whole: bool, layers, fallback, out
         if show is not None:
             show(steps[0], max(steps))
 
-    def collect(x, r, pre):
-        if pre is not None:
+    def collect(x, r, use_probe_feats):
+        if use_probe_feats:
             tick()
-            return [(0, r[1] - r[0], _finalize(pre, plan, kernel, lazy=True))]
+            return [(0, r[1] - r[0], probe_feats)]
         out = []
         for i0 in range(r[0], r[1], bs):
             i1 = min(r[1], i0 + bs)
@@ -1052,9 +1052,9 @@ def _by_layer(model, inputs1, inputs2, probe, whole: bool, layers, fallback, out
         (i0, i1), (j0, j1) = rows[a], cols[b]
         if row != a:
             B1, row = None, a  # the previous row super-block's features go before the next are collected
-            B1 = collect(inputs1, rows[a], probe if (use_probe and a == 0) else None)
+            B1 = collect(inputs1, rows[a], use_probe and a == 0)
         same = inputs2 is None and a == b
-        B2 = B1 if same else collect(x2, cols[b], None)
+        B2 = B1 if same else collect(x2, cols[b], False)
         tile = _contract_all(B1, B2, same, i1 - i0, j1 - j0, C, mode, kernel, chunk_bytes, like, tick)
         del B2
         if K is None:
@@ -1157,24 +1157,23 @@ def empirical_ntk(model: nn.Module, inputs1: Inputs, inputs2: Optional[Inputs] =
                this one does not); "diagonal" -> (N1, N2, C) = K_cc.
     kernel     "sgd" (the eNTK); "signgd" ⟨sign ∇f(x), sign ∇f(x')⟩; "asymmetric_signgd" ⟨∇f(x), sign ∇f(x')⟩
                (Adam's kernel, Malladi et al. 2023; the sign side is inputs2).  Sign kernels materialise the
-               per-sample gradients block by block (no Gram trick).
+               per-sample gradients, chunk by chunk (no Gram trick).
     output_fn  model output -> (N, C) tensor; default: the output itself or its ``.logits`` (2-D).
     block_size samples per forward; default: the most (up to 128) that fit ``memory_budget``.
     memory_budget  bytes the engine may hold; default 80 % of the free GPU memory, or half of the available RAM.
-               One block: its layers are contracted one by one, each materialised layer's per-sample gradients
-               formed into one reused buffer.  Several blocks: layer by layer, each block's forward and backward
-               keeping its raw features (layer inputs and output gradients), then each layer contracted over all
-               pairs at once, its per-sample gradients formed a chunk of input features at a time (never the
-               N·P Jacobian); when not every sample's raw features fit, over tiles of super-blocks whose
-               features fit two at a time (a column super-block's forward then runs once per row super-block).
+               Layer by layer: each block's forward and backward keeps its raw features (layer inputs and output
+               gradients), then each layer is contracted over all pairs at once, its per-sample gradients formed a
+               chunk of input features at a time into one scratch buffer (never the N·P Jacobian); when not every
+               sample's raw features fit, over tiles of super-blocks whose features fit two at a time (a column
+               super-block's forward then runs once per row super-block).
                Only when not even that fits, tile by tile with materialised features, where layers whose
                gradients would not let MIN_BLOCK samples fit switch to the Gram trick (strategy "auto").
     strategy   "auto" (per layer the cheaper of gram / materialize), "gram", "materialize", or "jacobian"
                (``empirical_ntk_reference``, torch.func jacrev + vmap).
     dtype      result dtype; accumulation in float64 for float64, float32 otherwise.
-    progress   True prints the steps done to stderr; a callable gets (steps done, steps total).  Steps: with
-               several blocks whose raw features all fit, each block's forward and backward, then each layer's
-               contraction over all pairs; otherwise the tiles of K.
+    progress   True prints the steps done to stderr; a callable gets (steps done, steps total).  Steps: each
+               block's forward and backward and each layer's contraction (per tile of super-blocks); in the
+               tile-by-tile fallback, the tiles of K.
     distributed  True: call this on every rank of an initialised torch.distributed world (torchrun); the tiles
                of K are shared among the ranks and K is gathered on rank 0 (None on the other ranks), as
                ``ntk_kernels.distributed.empirical_ntk`` does (which also takes tile_size, group, out=*.npy
